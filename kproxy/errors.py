@@ -1,0 +1,52 @@
+"""Every error kproxy raises on purpose.
+
+    KproxyError
+    ├── ObjectError        a Kubernetes object that cannot be used (skipped, never fatal)
+    ├── ConfigError        a flag or config-file value refused at start
+    ├── RestoreError       iptables-restore refused a payload (the next sync is full)
+    └── SourceError        a source (API server, manifest directory) failed
+"""
+
+from __future__ import annotations
+
+from kproxy.state.model import ObjectRef
+
+
+class KproxyError(Exception):
+    """Root of kproxy's own errors; anything else escaping is a bug."""
+
+
+class ObjectError(KproxyError):
+    """One object is unusable. Carries where it came from, which object and which field."""
+
+    def __init__(self, ref: ObjectRef, field: str, reason: str, source: str = "") -> None:
+        self.ref = ref
+        self.field = field
+        self.reason = reason
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}{self.ref}: {self.field}: {self.reason}"
+
+
+class ConfigError(KproxyError):
+    def __init__(self, option: str, reason: str) -> None:
+        self.option = option
+        self.reason = reason
+        super().__init__(f"{option}: {reason}")
+
+
+class RestoreError(KproxyError):
+    def __init__(self, family: int, returncode: int, stderr: str, line: int | None = None) -> None:
+        self.family = family
+        self.returncode = returncode
+        self.stderr = stderr
+        self.line = line
+        at = f" at line {line}" if line is not None else ""
+        super().__init__(f"ip{'6' if family == 6 else ''}tables-restore failed{at} (exit {returncode}): {stderr.strip()}")
+
+
+class SourceError(KproxyError):
+    pass
