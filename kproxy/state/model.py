@@ -9,7 +9,7 @@ backend can cache on equality and a change tracker can drop no-op updates cheapl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
@@ -95,7 +95,9 @@ class Service:
     external_local: bool = False
     internal_local: bool = False
     health_check_node_port: int = 0
-    resource_version: str = ""
+    lb_algorithm: str = ""
+    """From annotation `kproxy.io/lb-algorithm` (userspace mode): "" or round-robin, least-connections, random."""
+    resource_version: str = field(default="", compare=False)
 
     @property
     def key(self) -> ServiceKey:
@@ -131,9 +133,9 @@ class EndpointSlice:
     address_type: AddressType
     ports: tuple[SlicePort, ...]
     endpoints: tuple[SliceEndpoint, ...]
-    trigger_time: float | None = None
+    trigger_time: float | None = field(default=None, compare=False)
     """`endpoints.kubernetes.io/last-change-trigger-time` as a Unix time, for latency metrics."""
-    resource_version: str = ""
+    resource_version: str = field(default="", compare=False)
     legacy: bool = False
     """Converted from a v1 Endpoints; used for a service only when it has no real slices."""
 
@@ -178,6 +180,8 @@ class ServicePort:
     external_local: bool = False
     internal_local: bool = False
     health_check_node_port: int = 0
+    lb_algorithm: str = ""
+    """Userspace mode's endpoint choice, copied from `Service.lb_algorithm`; "" means round robin."""
 
     @property
     def protocol(self) -> Protocol:
