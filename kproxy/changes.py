@@ -100,6 +100,7 @@ class ChangeTracker:
         previous_owner = self._slice_owner.get(owner_key)
         if previous_owner is not None and previous_owner != key:
             self._drop_slice(previous_owner, (kind, obj.name))
+            self._mark(previous_owner, service=False)
         bucket = self.slices.setdefault(key, {})
         slot = (kind, obj.name)
         if bucket.get(slot) == obj:
@@ -146,12 +147,34 @@ class ChangeTracker:
     def replace(self, kind: str, objects: Iterable[KObject]) -> int:
         """Apply a full (re)list of one kind: what is absent from it was deleted meanwhile."""
         fresh = list(objects)
-        changed = sum(1 for obj in fresh if self.upsert(obj))
-        present = {(obj.namespace if not isinstance(obj, Node) else "", obj.name) for obj in fresh}
+        if kind == "Endpoints":
+            groups: dict[ServiceKey, list[EndpointSlice]] = {}
+            for obj in fresh:
+                if isinstance(obj, EndpointSlice):
+                    groups.setdefault(obj.service, []).append(obj)
+            changed = sum(1 for key, group in groups.items() if self.set_legacy(key, group))
+            present = {(key.namespace, key.name) for key in groups}
+        else:
+            changed = sum(1 for obj in fresh if self.upsert(obj))
+            present = {(obj.namespace if not isinstance(obj, Node) else "", obj.name) for obj in fresh}
         for namespace, name in self._names_of(kind):
             if (namespace, name) not in present and self.delete(kind, namespace, name):
                 changed += 1
         self._listed.add(kind)
+        return changed
+
+    def set_legacy(self, key: ServiceKey, slices: Iterable[EndpointSlice]) -> bool:
+        """Replace the slices one legacy Endpoints became (a family may have vanished from it)."""
+        wanted = {s.name: s for s in slices}
+        bucket = self.slices.get(key, {})
+        changed = False
+        for slot in [slot for slot in bucket if slot[0] == "Endpoints" and slot[1] not in wanted]:
+            self._drop_slice(key, slot)
+            self._slice_owner.pop(("Endpoints", key.namespace, slot[1]), None)
+            self._mark(key, service=False)
+            changed = True
+        for obj in wanted.values():
+            changed = self.upsert(obj) or changed
         return changed
 
     def mark_listed(self, kind: str) -> None:
@@ -167,6 +190,11 @@ class ChangeTracker:
     @property
     def has_pending(self) -> bool:
         return bool(self._dirty) or self._node_dirty
+
+    @property
+    def pending_counts(self) -> tuple[int, int]:
+        """(service changes, endpoint changes) waiting for a sync."""
+        return self._service_changes, self._endpoint_changes
 
     @property
     def oldest_pending(self) -> float | None:
@@ -214,6 +242,8 @@ class ChangeTracker:
             return [(k.namespace, k.name) for k in self.services]
         if kind == "Node":
             return [("", self.node.name)] if self.node is not None else []
+        if kind == "Endpoints":
+            return sorted({(key.namespace, key.name) for (k, _, _), key in self._slice_owner.items() if k == kind})
         return [(ns, name) for (k, ns, name) in self._slice_owner if k == kind]
 
     def _drop_slice(self, key: ServiceKey, slot: tuple[str, str]) -> None:

@@ -7,6 +7,7 @@ changes on restart or when the Node object changes.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from kproxy.state.model import Family
@@ -27,6 +28,9 @@ class RenderConfig:
     nodeport_ips: tuple[str, ...] | None = None
     """Node IPs of this family that accept node ports; None means every local address."""
     comments: bool = True
+    node_ip: str = ""
+    """This node's primary IP of this family: when a load balancer's source ranges admit it,
+    the node may also reach the LB IP (kube-proxy's allowFromNode)."""
 
     @property
     def masq_mark(self) -> str:
@@ -38,3 +42,46 @@ class RenderConfig:
         if self.detect_local_mode == "NodeCIDR":
             return self.node_pod_cidrs
         return self.cluster_cidr
+
+
+def _in_family(cidrs: tuple[str, ...], family: Family) -> tuple[str, ...]:
+    return tuple(c for c in cidrs if (":" in c) == (family == 6))
+
+
+def render_config(
+    family: Family,
+    node_name: str,
+    *,
+    node_zone: str = "",
+    node_pod_cidrs: tuple[str, ...] = (),
+    cluster_cidr: tuple[str, ...] = (),
+    detect_local_mode: str = "ClusterCIDR",
+    masquerade_all: bool = False,
+    masquerade_bit: int = 14,
+    nodeport_addresses: tuple[str, ...] = (),
+    node_ips: tuple[str, ...] = (),
+    comments: bool = True,
+) -> RenderConfig:
+    """One family's RenderConfig from family-mixed settings.
+
+    `node_ips` are the node's addresses (from the Node object offline, from netlink on
+    a node); with `nodeport_addresses` set, only those inside the CIDRs take node ports."""
+    nodeport_ips: tuple[str, ...] | None = None
+    wanted = _in_family(nodeport_addresses, family)
+    if wanted:
+        nets = [ipaddress.ip_network(c, strict=False) for c in wanted]
+        nodeport_ips = tuple(
+            ip for ip in node_ips if (":" in ip) == (family == 6) and any(ipaddress.ip_address(ip) in n for n in nets)
+        )
+    return RenderConfig(
+        family=family,
+        node_name=node_name,
+        node_zone=node_zone,
+        cluster_cidr=_in_family(cluster_cidr, family),
+        node_pod_cidrs=_in_family(node_pod_cidrs, family),
+        detect_local_mode=detect_local_mode,
+        masquerade_all=masquerade_all,
+        masquerade_bit=masquerade_bit,
+        nodeport_ips=nodeport_ips,
+        comments=comments,
+    )

@@ -28,7 +28,8 @@ class ObjectError(KproxyError):
 
     def __str__(self) -> str:
         where = f"{self.source}: " if self.source else ""
-        return f"{where}{self.ref}: {self.field}: {self.reason}"
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}{self.ref}: {field}{self.reason}"
 
 
 class ConfigError(KproxyError):

@@ -1,0 +1,318 @@
+"""The node agent: sources in, backend out, health and metrics beside.
+
+`Settings` says what to do; `NodeAgent` holds the running state (as uvicorn splits
+Config from Server). One event loop (uvloop when present) runs everything that
+waits; rendering and iptables-restore run in a worker thread so probes and metrics
+keep answering during a long full sync.
+
+A sync takes the pending changes from the tracker, brings each family's view up to
+date for just the services that changed, and hands the changed port names to the
+backend. A failed sync gives every change back and makes the next sync full; the
+rules already in the kernel keep serving meanwhile. SIGTERM stops the loop and
+leaves the rules in place, so traffic flows across a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from kproxy import log
+from kproxy.changes import ChangeTracker, FamilyView, PortEntry
+from kproxy.config import RenderConfig, render_config
+from kproxy.errors import KproxyError
+from kproxy.health import (
+    HealthServer,
+    ProxierHealth,
+    ServiceHealthServer,
+    health_check_ports,
+    healthz_response,
+    local_ready_endpoints,
+)
+from kproxy.metrics import Metrics, MetricsServer
+from kproxy.runner import BoundedFrequencyRunner
+from kproxy.settings import Settings
+from kproxy.sources.apiwatch import SourceEvent
+from kproxy.sources.dirwatch import watch_directory
+from kproxy.state.model import EndpointSlice, Family, ServiceKey, ServicePortName
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReport:
+    full: bool
+    chains_written: int = 0
+    chains_deleted: int = 0
+    rules: Mapping[str, int] | None = None
+    """Rule count per table after the sync, for kubeproxy_sync_proxy_rules_iptables_total."""
+
+
+class Backend(Protocol):
+    """What the agent needs of a proxy mode: apply one family's view."""
+
+    mode: str
+
+    async def sync(
+        self,
+        family: Family,
+        ports: Mapping[ServicePortName, PortEntry],
+        changed: set[ServicePortName] | None,
+        cfg: RenderConfig,
+    ) -> SyncReport: ...
+
+    async def close(self) -> None: ...
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class NodeAgent:
+    def __init__(self, settings: Settings, backend: Backend, *, node_ips: tuple[str, ...] = ()) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.node_ips = node_ips
+        wait = {"Service", "Endpoints" if settings.use_endpoints else "EndpointSlice"}
+        self.tracker = ChangeTracker(node_name=settings.node_name, wait_for=frozenset(wait))
+        self.families: tuple[Family, ...] = tuple(f for f in (4, 6) if f in settings.families)
+        self.views = {f: FamilyView(f, settings.node_name) for f in self.families}
+        self.health = ProxierHealth.for_sync_period(settings.sync_period)
+        self.metrics = Metrics(families=self.families)
+        self.runner = BoundedFrequencyRunner(self._sync, settings.min_sync_period, settings.sync_period)
+        self._need_full = True
+        self._last_full = 0.0
+        self._cfgs: dict[Family, RenderConfig] = {}
+        self._stopping = asyncio.Event()
+        self._servers: list[HealthServer | MetricsServer] = []
+        self.service_health = ServiceHealthServer(self.health.is_healthy, node_name=settings.node_name)
+        self.syncs = 0
+        self.conntrack: object | None = None
+
+    # ------------------------------------------------------------ changes in
+
+    def changed(self) -> None:
+        """Sources call this after giving the tracker something new."""
+        if self.tracker.has_pending:
+            for f in self.families:
+                self.health.queued_update(f)
+                self.metrics.sync_queued(f)
+            services, endpoints = self.tracker.pending_counts
+            self.metrics.set_pending(services=services, endpoints=endpoints)
+            self.runner.request()
+
+    # ----------------------------------------------------------------- sync
+
+    def _render_configs(self) -> dict[Family, RenderConfig]:
+        s, node = self.settings, self.tracker.node
+        ips = self.node_ips or (node.addresses if node else ())
+        return {
+            f: render_config(
+                f,
+                s.node_name,
+                node_zone=node.zone if node else "",
+                node_pod_cidrs=node.pod_cidrs if node else (),
+                cluster_cidr=s.cluster_cidr,
+                detect_local_mode=s.detect_local_mode,
+                masquerade_all=s.masquerade_all,
+                masquerade_bit=s.masquerade_bit,
+                nodeport_addresses=s.nodeport_addresses,
+                node_ips=ips,
+            )
+            for f in self.families
+        }
+
+    async def _sync(self) -> bool:
+        if not self.tracker.ready:
+            return True
+        pending = self.tracker.take()
+        taken_at = self.health.now()
+        now = time.monotonic()
+        full = self._need_full or now - self._last_full >= self.settings.full_sync_period
+        if pending.node_changed or not self._cfgs:
+            cfgs = self._render_configs()
+            full = full or cfgs != self._cfgs
+            self._cfgs = cfgs
+        started = time.perf_counter()
+        try:
+            for family in self.families:
+                view = self.views[family]
+                changed = view.rebuild(self.tracker) if full else view.update(self.tracker, pending.services)
+                t0 = time.perf_counter()
+                report = await self.backend.sync(
+                    family, view.ports, None if full else changed, self._cfgs[family]
+                )
+                self._after_family_sync(
+                    family, report, time.perf_counter() - t0, taken_at, pending.trigger_times
+                )
+                if self.conntrack is not None and any(n.protocol == "UDP" for n in changed):
+                    await self._clean_conntrack(family)
+        except (KproxyError, OSError) as e:
+            self.tracker.requeue(pending)
+            self._need_full = True
+            for family in self.families:
+                self.metrics.restore_failed(family, partial=not full)
+            log.error("sync_failed", full=full, error=str(e))
+            return False
+        if full:
+            self._last_full = now
+        self._need_full = False
+        self.syncs += 1
+        all_ports = [entry for v in self.views.values() for entry in v.ports.values()]
+        await self.service_health.sync_services(health_check_ports(all_ports))
+        self.service_health.sync_endpoints(local_ready_endpoints(all_ports))
+        self.metrics.count_changes(services=pending.service_changes, endpoints=pending.endpoint_changes)
+        services, endpoints = self.tracker.pending_counts
+        self.metrics.set_pending(services=services, endpoints=endpoints)
+        log.info(
+            "synced",
+            full=full,
+            services_changed=len(pending.services),
+            seconds=f"{time.perf_counter() - started:.3f}",
+        )
+        return True
+
+    def _after_family_sync(
+        self, family: Family, report: SyncReport, seconds: float, started: float, triggers: tuple[float, ...]
+    ) -> None:
+        self.health.updated(family, started=started)
+        self.metrics.synced(family)
+        self.metrics.observe_sync(family, seconds, full=report.full)
+        if triggers:
+            self.metrics.observe_network_programming(family, triggers, time.time())
+        if report.rules:
+            for table, total in report.rules.items():
+                self.metrics.set_rules(family, table, total=total, last=report.chains_written)
+
+    async def _clean_conntrack(self, family: Family) -> None:
+        """Stale UDP flows black-hole clients after an endpoint goes; clear them (never fatal)."""
+        from kproxy.backends.iptables.conntrack import ConntrackClient, clean_stale_entries_async
+
+        client = self.conntrack
+        assert client is not None
+        try:
+            result = await clean_stale_entries_async(
+                cast(ConntrackClient, client), family, self.views[family].ports.values()
+            )
+        except OSError as e:
+            log.warn("conntrack_cleanup_failed", family=family, error=str(e))
+            return
+        self.metrics.conntrack_cleaned(family, deleted=result.deleted, seconds=result.seconds)
+
+    # ----------------------------------------------------------- lifecycle
+
+    async def serve(self) -> None:
+        """Run until stop(): servers up, source feeding the tracker, runner syncing."""
+        s = self.settings
+        for server in self._make_servers():
+            await server.start()
+            self._servers.append(server)
+        tasks = [
+            asyncio.create_task(self.runner.loop(), name="kproxy-sync"),
+            asyncio.create_task(self._run_source(), name="kproxy-source"),
+        ]
+        log.info(
+            "agent_started",
+            node=s.node_name,
+            mode=self.backend.mode,
+            families=",".join(map(str, self.families)),
+        )
+        stop = asyncio.create_task(self._stopping.wait())
+        done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stop and task.exception() is not None:
+                log.error("agent_task_failed", task=task.get_name(), error=repr(task.exception()))
+        self.runner.stop()
+        for task in [stop, *tasks]:
+            task.cancel()
+        for task in [stop, *tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.service_health.close()
+        for server in self._servers:
+            await server.close()
+        await self.backend.close()
+        log.info("agent_stopped", node=s.node_name, rules="left in place")
+
+    def _make_servers(self) -> list[HealthServer | MetricsServer]:
+        s = self.settings
+        out: list[HealthServer | MetricsServer] = []
+        if s.healthz_bind_address:
+            host, port = split_host_port(s.healthz_bind_address)
+            out.append(HealthServer(self.health, host, port, counter=self.metrics))
+        if s.metrics_bind_address:
+            host, port = split_host_port(s.metrics_bind_address)
+            out.append(
+                MetricsServer(
+                    self.metrics,
+                    self.backend.mode,
+                    host,
+                    port,
+                    healthz=lambda _req: healthz_response(self.health),
+                )
+            )
+        return out
+
+    async def _run_source(self) -> None:
+        if self.settings.manifests:
+            await watch_directory(self.settings.manifests, self.tracker, self.changed)
+            return
+        from kproxy.sources.apiwatch import ApiSource, WatchConfig, make_api_client
+
+        client = make_api_client(
+            kubeconfig=self.settings.kubeconfig or None, master=self.settings.master or None
+        )
+        cfg = WatchConfig(
+            node_name=self.settings.node_name,
+            endpoint_slices=not self.settings.use_endpoints,
+            legacy_endpoints=self.settings.use_endpoints,
+        )
+        async with ApiSource(client, cfg) as source:
+            while True:
+                apply_event(self.tracker, await source.events.get())
+                while not source.events.empty():
+                    apply_event(self.tracker, source.events.get_nowait())
+                self.changed()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.runner.stop()
+
+
+_KIND_OF_RESOURCE = {
+    "services": "Service",
+    "endpointslices": "EndpointSlice",
+    "endpoints": "Endpoints",
+    "nodes": "Node",
+}
+
+
+def apply_event(tracker: ChangeTracker, ev: SourceEvent) -> None:
+    """Feed one API event to the tracker (a relist is a replace: what is missing was deleted)."""
+    kind = _KIND_OF_RESOURCE[ev.resource]
+    if ev.kind == "listed":
+        tracker.replace(kind, [obj for objs in ev.items.values() for obj in objs])
+        return
+    ref = ev.ref
+    if ref is None:
+        return
+    if ev.kind == "upsert" and kind == "Endpoints":
+        tracker.set_legacy(
+            ServiceKey(ref.namespace, ref.name), [o for o in ev.objects if isinstance(o, EndpointSlice)]
+        )
+    elif ev.kind == "upsert" and ev.objects:
+        for obj in ev.objects:
+            tracker.upsert(obj)
+    else:
+        tracker.delete(kind, ref.namespace, ref.name)
+
+
+def install_signal_handlers(agent: NodeAgent) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, agent.stop)

@@ -1,0 +1,498 @@
+"""Service ports to iptables rules, line for line what kube-proxy's iptables mode writes.
+
+`render_port` is pure and cached on its (hashable) arguments, so a sync re-renders
+only ports whose service, endpoints or config changed. `assemble` stitches the
+per-port pieces into the whole ruleset. Rules are plain strings built with
+f-strings: at 10,000 ports this is the hot path of every full sync.
+
+Where kproxy departs from kube-proxy's restore input, it is on purpose and
+harmless to a node switching between the two: host addresses carry an explicit
+/32 or /128, REJECT names its ICMP type, comments are reduced to a safe
+character set, and node ports are never reachable on loopback addresses (the
+equivalent of --iptables-localhost-nodeports=false, which needs no
+route_localnet sysctl).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import ipaddress
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+from kproxy.backends.iptables.ruleset import Chain, ChainKey, PortRules, Table, restore_payload
+from kproxy.config import RenderConfig
+from kproxy.state.model import Endpoint, ServicePort, ServicePortName
+from kproxy.state.topology import categorize, external_local, uses_cluster, uses_local
+
+SERVICES = "KUBE-SERVICES"
+EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
+NODEPORTS = "KUBE-NODEPORTS"
+POSTROUTING = "KUBE-POSTROUTING"
+MARK_MASQ = "KUBE-MARK-MASQ"
+FORWARD = "KUBE-FORWARD"
+PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
+CANARY = "KUBE-PROXY-CANARY"
+
+NAT_SERVICES: ChainKey = ("nat", SERVICES)
+NAT_NODEPORTS: ChainKey = ("nat", NODEPORTS)
+FILTER_SERVICES: ChainKey = ("filter", SERVICES)
+FILTER_EXTERNAL: ChainKey = ("filter", EXTERNAL_SERVICES)
+FILTER_NODEPORTS: ChainKey = ("filter", NODEPORTS)
+FILTER_FIREWALL: ChainKey = ("filter", PROXY_FIREWALL)
+
+TOP_LEVEL: tuple[ChainKey, ...] = (
+    FILTER_SERVICES,
+    FILTER_EXTERNAL,
+    ("filter", FORWARD),
+    FILTER_NODEPORTS,
+    FILTER_FIREWALL,
+    ("filter", CANARY),
+    NAT_SERVICES,
+    NAT_NODEPORTS,
+    ("nat", POSTROUTING),
+    ("nat", MARK_MASQ),
+    ("nat", CANARY),
+)
+"""Chains kproxy (like kube-proxy) owns that are not per service port."""
+
+# Targets that are not chains of ours; a `-j` to anything else must be a chain in the ruleset.
+BUILTIN_TARGETS = frozenset({"ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "MARK", "MASQUERADE"})
+
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:/[]")
+
+
+def _clean(text: str) -> str:
+    """Comments are data from the API; keep only characters that cannot end a quoted
+    iptables-restore argument or a line, whatever a validator upstream let through."""
+    if len(text) <= 200 and all(c in _SAFE for c in text):
+        return text
+    return "".join(c if c in _SAFE else "_" for c in text)[:200]
+
+
+def _fastest_sha256() -> Callable[[bytes], Any]:
+    """CPython's own SHA-256 beats OpenSSL's on 40-byte inputs (less set-up per call)."""
+    for module in ("_sha2", "_sha256"):
+        try:
+            return importlib.import_module(module).sha256  # type: ignore[no-any-return]
+        except (ImportError, AttributeError):
+            continue
+    return hashlib.sha256
+
+
+_sha256 = _fastest_sha256()
+_from_bytes = int.from_bytes
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)
+
+
+def hash16(text: str) -> str:
+    """naming's hash, several times faster: 16 base32 characters are exactly the first 10
+    digest bytes, encoded here 10 bits (two characters) at a time. Equality with naming is tested."""
+    n = _from_bytes(_sha256(text.encode()).digest()[:10], "big")
+    p = _B32_PAIRS
+    return "".join(
+        [
+            p[n >> 70],
+            p[(n >> 60) & 1023],
+            p[(n >> 50) & 1023],
+            p[(n >> 40) & 1023],
+            p[(n >> 30) & 1023],
+            p[(n >> 20) & 1023],
+            p[(n >> 10) & 1023],
+            p[n & 1023],
+        ]
+    )
+
+
+@lru_cache(maxsize=131072)
+def _sep(text: str) -> str:
+    """SEP names outlive their port's render: when one endpoint of a service changes, the
+    others keep their names, and hashing is the dearest step per endpoint."""
+    return "KUBE-SEP-" + hash16(text)
+
+
+@lru_cache(maxsize=4096)
+def probability(n: int) -> str:
+    """1/n with ten decimals, as kube-proxy writes it (formatting floats is slow, hence the cache)."""
+    return f"{1.0 / n:.10f}"
+
+
+def _reject(family: int) -> str:
+    return (
+        "REJECT --reject-with icmp6-port-unreachable"
+        if family == 6
+        else "REJECT --reject-with icmp-port-unreachable"
+    )
+
+
+def _in_any(ip: str, cidrs: tuple[str, ...]) -> bool:
+    if not ip:
+        return False
+    addr = ipaddress.ip_address(ip)
+    for cidr in cidrs:
+        net = ipaddress.ip_network(cidr, strict=False)
+        if net.version == addr.version and addr in net:
+            return True
+    return False
+
+
+@lru_cache(maxsize=131072)
+def render_port(sp: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderConfig) -> PortRules:
+    """Every rule one service port contributes. Cached: identical inputs return the same object."""
+    sel = categorize(sp, endpoints, cfg.node_zone)
+    v6 = cfg.family == 6
+    host = "/128" if v6 else "/32"
+    name = _clean(str(sp.name))
+    proto = sp.protocol.lower()
+    pm = f"-m {proto} -p {proto}"
+    hash_prefix = str(sp.name) + proto
+    port_hash = hash16(hash_prefix)
+    svc = "KUBE-SVC-" + port_hash
+    svl = "KUBE-SVL-" + port_hash
+    ext = "KUBE-EXT-" + port_hash
+    fw = "KUBE-FW-" + port_hash
+    # kube-proxy's local-traffic detector takes one CIDR per family ("! -s A ! -s B" is no rule).
+    local_cidr = next((c for c in cfg.local_cidrs if (":" in c) == v6), "")
+
+    int_local = sp.internal_local
+    ext_local = external_local(sp)
+    has_any = sel.has_any
+    has_internal = has_any and (not int_local or bool(sel.local))
+    has_external = has_any and (not ext_local or bool(sel.local))
+    internal_chain = svl if int_local else svc
+    lb_ranges = tuple(c for c in sp.load_balancer_source_ranges if (":" in c) == v6)
+    uses_fw = has_any and bool(sp.load_balancer_ips) and bool(lb_ranges)
+    lb_chain = fw if uses_fw else ext
+
+    if not has_any:
+        int_target = ext_target = _reject(cfg.family)
+        int_comment = ext_comment = f'"{name} has no endpoints"'
+    else:
+        int_target = ext_target = "DROP"
+        int_comment = ext_comment = f'"{name} has no local endpoints"'
+
+    nat_services: list[str] = []
+    nat_nodeports: list[str] = []
+    f_services: list[str] = []
+    f_external: list[str] = []
+    f_firewall: list[str] = []
+    f_nodeports: list[str] = []
+    dport = f"--dport {sp.port}"
+    vip = f"{sp.cluster_ip}{host}"
+    cluster_ip_args = f'-m comment --comment "{name} cluster IP" {pm} -d {vip} {dport}'
+
+    if has_internal:
+        nat_services.append(f"-A {SERVICES} {cluster_ip_args} -j {internal_chain}")
+    else:
+        f_services.append(
+            f"-A {SERVICES} -m comment --comment {int_comment} {pm} -d {vip} {dport} -j {int_target}"
+        )
+    for eip in sp.external_ips:
+        if has_any:
+            nat_services.append(
+                f'-A {SERVICES} -m comment --comment "{name} external IP" {pm} -d {eip}{host} {dport} -j {ext}'
+            )
+        if not has_external:
+            f_external.append(
+                f"-A {EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pm} -d {eip}{host} {dport} -j {ext_target}"
+            )
+    for lbip in sp.load_balancer_ips:
+        if has_any:
+            nat_services.append(
+                f'-A {SERVICES} -m comment --comment "{name} loadbalancer IP" {pm} -d {lbip}{host} {dport} -j {lb_chain}'
+            )
+        if uses_fw:
+            f_firewall.append(
+                f'-A {PROXY_FIREWALL} -m comment --comment "{name} traffic not accepted by {fw}" '
+                f"{pm} -d {lbip}{host} {dport} -j DROP"
+            )
+    if not has_external:
+        for lbip in sp.load_balancer_ips:
+            f_external.append(
+                f"-A {EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pm} -d {lbip}{host} {dport} -j {ext_target}"
+            )
+    if sp.node_port:
+        if has_any:
+            nat_nodeports.append(
+                f"-A {NODEPORTS} -m comment --comment {name} {pm} --dport {sp.node_port} -j {ext}"
+            )
+        if not has_external:
+            f_external.append(
+                f"-A {EXTERNAL_SERVICES} -m comment --comment {ext_comment} -m addrtype --dst-type LOCAL "
+                f"{pm} --dport {sp.node_port} -j {ext_target}"
+            )
+    if sp.health_check_node_port:
+        f_nodeports.append(
+            f'-A {NODEPORTS} -m comment --comment "{name} health check node port" '
+            f"-m tcp -p tcp --dport {sp.health_check_node_port} -j ACCEPT"
+        )
+
+    own: list[Chain] = []
+    internal_head: list[str] = []
+    if has_internal:
+        if cfg.masquerade_all:
+            internal_head.append(f"-A {internal_chain} {cluster_ip_args} -j {MARK_MASQ}")
+        elif local_cidr:
+            internal_head.append(f"-A {internal_chain} {cluster_ip_args} ! -s {local_cidr} -j {MARK_MASQ}")
+
+    if has_any and sp.has_external:
+        own.append(Chain("nat", ext, _ext_rules(ext, svc, svl, name, local_cidr, ext_local, has_external)))
+    if uses_fw:
+        allow_node = _in_any(cfg.node_ip, lb_ranges)
+        own.append(
+            Chain(
+                "nat",
+                fw,
+                _fw_rules(fw, ext, name, lb_ranges, sp.load_balancer_ips if allow_node else (), host),
+            )
+        )
+
+    reach = sel.reachable
+    hps = [ep.hostport for ep in reach]
+    seps = [_sep(hash_prefix + hp) for hp in hps]
+    affinity = sp.affinity_timeout
+    if sel.cluster and uses_cluster(sp):
+        head = internal_head if internal_chain == svc else []
+        own.append(
+            Chain(
+                "nat",
+                svc,
+                (*head, *_spread(svc, *_pick(sel.cluster, reach, hps, seps), name, affinity, cfg.comments)),
+            )
+        )
+    if sel.local and uses_local(sp):
+        head = internal_head if internal_chain == svl else []
+        own.append(
+            Chain(
+                "nat",
+                svl,
+                (*head, *_spread(svl, *_pick(sel.local, reach, hps, seps), name, affinity, cfg.comments)),
+            )
+        )
+
+    comment = f" -m comment --comment {name}" if cfg.comments else ""
+    dnat = f" {pm} -j DNAT --to-destination "
+    for ep, hp, sep in zip(reach, hps, seps, strict=True):
+        sticky = f" -m recent --name {sep} --set" if affinity else ""
+        own.append(
+            Chain(
+                "nat",
+                sep,
+                (
+                    f"-A {sep}{comment} -s {ep.ip}{host} -j {MARK_MASQ}",
+                    f"-A {sep}{comment}{sticky}{dnat}{hp}",
+                ),
+            )
+        )
+
+    shared: list[Chain] = []
+    for (table, chain), rules in (
+        (NAT_SERVICES, nat_services),
+        (NAT_NODEPORTS, nat_nodeports),
+        (FILTER_SERVICES, f_services),
+        (FILTER_EXTERNAL, f_external),
+        (FILTER_FIREWALL, f_firewall),
+        (FILTER_NODEPORTS, f_nodeports),
+    ):
+        if rules:
+            shared.append(Chain(table, chain, tuple(rules)))
+    return PortRules(tuple(own), tuple(shared))
+
+
+def _ext_rules(
+    ext: str, svc: str, svl: str, name: str, local_cidr: str, ext_local: bool, has_external: bool
+) -> tuple[str, ...]:
+    """KUBE-EXT: the entry for node ports, external IPs and LB IPs. Under Local policy, pod
+    and node traffic short-circuits to the Cluster chain (as if it had gone out to the
+    load balancer and come back); the rest keeps its source and goes to local endpoints."""
+    rules: list[str] = []
+    if not ext_local:
+        rules.append(
+            f'-A {ext} -m comment --comment "masquerade traffic for {name} external destinations" -j {MARK_MASQ}'
+        )
+    else:
+        if local_cidr:
+            rules.append(
+                f'-A {ext} -m comment --comment "pod traffic for {name} external destinations" -s {local_cidr} -j {svc}'
+            )
+        rules.append(
+            f'-A {ext} -m comment --comment "masquerade LOCAL traffic for {name} external destinations" '
+            f"-m addrtype --src-type LOCAL -j {MARK_MASQ}"
+        )
+        rules.append(
+            f'-A {ext} -m comment --comment "route LOCAL traffic for {name} external destinations" '
+            f"-m addrtype --src-type LOCAL -j {svc}"
+        )
+    if has_external:
+        rules.append(f"-A {ext} -j {svl if ext_local else svc}")
+    return tuple(rules)
+
+
+def _fw_rules(
+    fw: str, ext: str, name: str, ranges: tuple[str, ...], node_lb_ips: tuple[str, ...], host: str
+) -> tuple[str, ...]:
+    """KUBE-FW: admitted sources go on to KUBE-EXT; whatever falls off the end is dropped by
+    filter KUBE-PROXY-FIREWALL (DROP is not allowed in the nat table)."""
+    head = f'-A {fw} -m comment --comment "{name} loadbalancer IP"'
+    rules = [f"{head} -s {cidr} -j {ext}" for cidr in ranges]
+    rules.extend(f"{head} -s {ip}{host} -j {ext}" for ip in node_lb_ips)
+    rules.append(
+        f'-A {fw} -m comment --comment "other traffic to {name} will be dropped by {PROXY_FIREWALL}"'
+    )
+    return tuple(rules)
+
+
+def _pick(
+    eps: tuple[Endpoint, ...], reach: tuple[Endpoint, ...], hps: list[str], seps: list[str]
+) -> tuple[list[str], list[str]]:
+    """Host:ports and SEP names of a subset of the reachable endpoints."""
+    if eps is reach:
+        return hps, seps
+    # By identity: hashing an Endpoint hashes every field, and this runs per endpoint.
+    where = {id(ep): i for i, ep in enumerate(reach)}
+    idx = [where[id(ep)] for ep in eps]
+    return [hps[i] for i in idx], [seps[i] for i in idx]
+
+
+def _spread(
+    chain: str, hps: list[str], seps: list[str], name: str, affinity: int, comments: bool
+) -> list[str]:
+    """Affinity checks first (a known client goes back to its endpoint), then endpoint i of n
+    taken with probability 1/(n-i), which spreads new connections evenly."""
+    rules: list[str] = []
+    pre = f'-A {chain} -m comment --comment "{name} -> ' if comments else ""
+    if affinity:
+        for hp, sep in zip(hps, seps, strict=True):
+            head = f'{pre}{hp}"' if comments else f"-A {chain}"
+            rules.append(f"{head} -m recent --name {sep} --rcheck --seconds {affinity} --reap -j {sep}")
+    n = len(seps)
+    for i, (hp, sep) in enumerate(zip(hps, seps, strict=True)):
+        head = f'{pre}{hp}"' if comments else f"-A {chain}"
+        if i < n - 1:
+            rules.append(f"{head} -m statistic --mode random --probability {probability(n - i)} -j {sep}")
+        else:
+            rules.append(f"{head} -j {sep}")
+    return rules
+
+
+@lru_cache(maxsize=64)
+def _fixed(cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
+    """Top-level rules that depend on the config only."""
+    mark = cfg.masq_mark
+    v6 = cfg.family == 6
+    tail_comment = (
+        '-m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
+    )
+    tail: tuple[str, ...]
+    if cfg.nodeport_ips is None:
+        loopback = "::1/128" if v6 else "127.0.0.0/8"
+        tail = (f"-A {SERVICES} {tail_comment} -m addrtype --dst-type LOCAL ! -d {loopback} -j {NODEPORTS}",)
+    else:
+        host = "/128" if v6 else "/32"
+        tail = tuple(
+            f"-A {SERVICES} {tail_comment} -d {ip}{host} -j {NODEPORTS}"
+            for ip in cfg.nodeport_ips
+            if not ipaddress.ip_address(ip).is_loopback
+        )
+    return {
+        ("nat", SERVICES): tail,
+        ("filter", FORWARD): (
+            f"-A {FORWARD} -m conntrack --ctstate INVALID -j DROP",
+            f'-A {FORWARD} -m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT',
+            f'-A {FORWARD} -m comment --comment "kubernetes forwarding conntrack rule" '
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        ),
+        ("nat", POSTROUTING): (
+            f"-A {POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN",
+            f"-A {POSTROUTING} -j MARK --xor-mark {mark}",
+            f'-A {POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully',
+        ),
+        ("nat", MARK_MASQ): (f"-A {MARK_MASQ} -j MARK --or-mark {mark}",),
+    }
+
+
+def assemble(ports: Iterable[PortRules], cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
+    """The whole ruleset of one family: top-level chains first, then every port's own chains,
+    in the order the ports are given (callers sort them by ServicePortName)."""
+    shared: dict[ChainKey, list[str]] = {key: [] for key in TOP_LEVEL}
+    own: dict[ChainKey, tuple[str, ...]] = {}
+    for pr in ports:
+        for ch in pr.shared:
+            shared[ch.table, ch.name].extend(ch.rules)
+        for ch in pr.own:
+            own[ch.table, ch.name] = ch.rules
+    fixed = _fixed(cfg)
+    for key, rules in fixed.items():
+        shared[key].extend(rules)
+    out: dict[ChainKey, tuple[str, ...]] = {key: tuple(rules) for key, rules in shared.items()}
+    out.update(own)
+    return out
+
+
+_JUMPS: tuple[tuple[Table, str, str, str, bool], ...] = (
+    # (table, builtin chain, our chain, comment, only new connections); in the order the rules
+    # end up in the kernel (kube-proxy prepends them one by one, in reverse of this).
+    ("nat", "PREROUTING", SERVICES, "kubernetes service portals", False),
+    ("nat", "OUTPUT", SERVICES, "kubernetes service portals", False),
+    ("nat", "POSTROUTING", POSTROUTING, "kubernetes postrouting rules", False),
+    ("filter", "INPUT", PROXY_FIREWALL, "kubernetes load balancer firewall", True),
+    ("filter", "INPUT", NODEPORTS, "kubernetes health check service ports", False),
+    ("filter", "INPUT", EXTERNAL_SERVICES, "kubernetes externally-visible service portals", True),
+    ("filter", "FORWARD", PROXY_FIREWALL, "kubernetes load balancer firewall", True),
+    ("filter", "FORWARD", FORWARD, "kubernetes forwarding rules", False),
+    ("filter", "FORWARD", SERVICES, "kubernetes service portals", True),
+    ("filter", "FORWARD", EXTERNAL_SERVICES, "kubernetes externally-visible service portals", True),
+    ("filter", "OUTPUT", PROXY_FIREWALL, "kubernetes load balancer firewall", True),
+    ("filter", "OUTPUT", SERVICES, "kubernetes service portals", True),
+)
+
+
+def jump_rule_args(new_only: bool, comment: str, target: str) -> str:
+    """The arguments of one jump rule, without `-A CHAIN` (for `iptables -C/-I` callers)."""
+    ct = "-m conntrack --ctstate NEW " if new_only else ""
+    return f'{ct}-m comment --comment "{comment}" -j {target}'
+
+
+def builtin_jumps(cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
+    """Jumps from the built-in chains into ours (the same in both families)."""
+    out: dict[ChainKey, list[str]] = {}
+    for table, builtin, target, comment, new_only in _JUMPS:
+        out.setdefault((table, builtin), []).append(
+            f"-A {builtin} {jump_rule_args(new_only, comment, target)}"
+        )
+    return {key: tuple(rules) for key, rules in out.items()}
+
+
+View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector around a full render.
+
+    A cold render allocates a few hundred thousand long-lived objects (chains, rule
+    tuples) and no reference cycles; left on, the collector rescans the growing heap
+    again and again, which costs about a third of the render. Reference counting
+    still frees everything as usual."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def render_view(view: View, cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
+    with gc_paused():
+        return assemble((render_port(sp, eps, cfg) for _, (sp, eps) in sorted(view.items())), cfg)
+
+
+def render_snapshot(view: View, cfg: RenderConfig) -> str:
+    """A complete iptables-restore payload (built-in chains included) for an empty table set."""
+    return restore_payload(render_view(view, cfg), builtin_jumps=builtin_jumps(cfg))

@@ -1,0 +1,376 @@
+"""Stale UDP conntrack cleanup: the decision table, and real entries deleted through netlink in a namespace."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import select
+import socket
+import subprocess
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from kproxy.backends.iptables.conntrack import (
+    ConntrackClient,
+    FakeConntrack,
+    Flow,
+    NetlinkConntrack,
+    PyrouteConntrack,
+    clean_stale_entries,
+    cleanup_needed,
+    serving_sets,
+    stale_flows,
+)
+from kproxy.state.model import Endpoint, Family, Protocol, ServiceKey, ServicePort, ServicePortName
+from tests.netns import create_netns, delete_netns, entered, exec_in, ip_batch
+
+VIP = "10.96.0.10"
+EXT = "203.0.113.7"
+LB = "198.51.100.9"
+NODE = "192.168.1.5"
+POD_A = "10.244.1.10"
+POD_B = "10.244.1.11"
+CLIENT = "10.244.2.50"
+
+
+def sp(
+    name: str = "dns",
+    proto: Protocol = "UDP",
+    ip: str = VIP,
+    port: int = 53,
+    node_port: int = 0,
+    external: Sequence[str] = (),
+    lb: Sequence[str] = (),
+) -> ServicePort:
+    return ServicePort(
+        name=ServicePortName("kube-system", name, "", proto),
+        family=6 if ":" in ip else 4,
+        cluster_ip=ip,
+        port=port,
+        node_port=node_port,
+        external_ips=tuple(external),
+        load_balancer_ips=tuple(lb),
+    )
+
+
+def ep(ip: str, serving: bool = True, ready: bool | None = None, terminating: bool = False) -> Endpoint:
+    return Endpoint(
+        ip=ip, port=5353, ready=serving if ready is None else ready, serving=serving, terminating=terminating
+    )
+
+
+def flow(dst: str, reply_src: str, dport: int = 53, src: str = CLIENT, sport: int = 40000) -> Flow:
+    return Flow(6 if ":" in dst else 4, src, dst, sport, dport, reply_src)
+
+
+DNS_NP = sp(node_port=30053, external=[EXT], lb=[LB])
+View = list[tuple[ServicePort, tuple[Endpoint, ...]]]
+
+# (id, ports view, flow, stale?)
+TABLE: list[tuple[str, View, Flow, bool]] = [
+    ("endpoint still serving keeps its flow", [(DNS_NP, (ep(POD_A),))], flow(VIP, POD_A), False),
+    ("removed endpoint loses its flow", [(DNS_NP, (ep(POD_B),))], flow(VIP, POD_A), True),
+    ("no endpoints left: every flow goes", [(DNS_NP, ())], flow(VIP, POD_A), True),
+    ("not serving any more", [(DNS_NP, (ep(POD_A, serving=False),))], flow(VIP, POD_A), True),
+    (
+        "terminating but still serving keeps its flow",
+        [(DNS_NP, (ep(POD_A, serving=True, ready=False, terminating=True),))],
+        flow(VIP, POD_A),
+        False,
+    ),
+    ("flow made before any rule (never DNATed)", [(DNS_NP, (ep(POD_A),))], flow(VIP, VIP), True),
+    ("external IP", [(DNS_NP, (ep(POD_B),))], flow(EXT, POD_A), True),
+    ("load-balancer IP", [(DNS_NP, (ep(POD_B),))], flow(LB, POD_A), True),
+    ("node port, any destination address", [(DNS_NP, (ep(POD_B),))], flow(NODE, POD_A, dport=30053), True),
+    ("node port with live endpoint", [(DNS_NP, (ep(POD_A),))], flow(NODE, POD_A, dport=30053), False),
+    ("unrelated destination", [(DNS_NP, ())], flow("10.0.0.99", POD_A), False),
+    ("unrelated port on the node", [(DNS_NP, ())], flow(NODE, POD_A, dport=30054), False),
+    ("TCP service is not judged", [(sp(proto="TCP"), ())], flow(VIP, POD_A), False),
+    ("service gone altogether: left to age out", [], flow(VIP, POD_A), False),
+    (
+        "ports sharing an IP: union of their endpoints",
+        [(sp(name="a", port=53), (ep(POD_A),)), (sp(name="b", port=54), (ep(POD_B),))],
+        flow(VIP, POD_A, dport=54),
+        False,
+    ),
+    (
+        "IPv6 addresses compared in canonical form",
+        [(sp(ip="fd00:10:96::000a"), (ep("fd00:10:244:1::000b"),))],
+        flow("fd00:10:96::a", "fd00:10:244:1::b"),
+        False,
+    ),
+    (
+        "IPv6 removed endpoint",
+        [(sp(ip="fd00:10:96::a"), (ep("fd00:10:244:1::c"),))],
+        flow("fd00:10:96::a", "fd00:10:244:1::b"),
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(("view", "f", "stale"), [c[1:] for c in TABLE], ids=[c[0] for c in TABLE])
+def test_stale_decision(view: View, f: Flow, stale: bool) -> None:
+    assert stale_flows([f], serving_sets(view)) == ([f] if stale else [])
+
+
+DNS_KEY = ServiceKey("kube-system", "dns")
+WEB = sp(name="web", proto="TCP", ip="10.96.0.20", port=80)
+
+
+@pytest.mark.parametrize(
+    ("changed", "before", "after", "needed"),
+    [
+        ([], [(DNS_NP, ())], [(DNS_NP, ())], False),
+        ([DNS_KEY], [(DNS_NP, ())], [(DNS_NP, ())], True),
+        ([ServiceKey("kube-system", "web")], [(WEB, ())], [(WEB, ())], False),
+        ([DNS_KEY], [(DNS_NP, ())], [], True),
+        ([DNS_KEY], [], [(DNS_NP, ())], True),
+    ],
+    ids=[
+        "nothing changed",
+        "UDP service changed",
+        "only TCP changed",
+        "UDP service deleted",
+        "UDP service added",
+    ],
+)
+def test_cleanup_needed(changed: list[ServiceKey], before: View, after: View, needed: bool) -> None:
+    assert cleanup_needed(changed, before, after) is needed
+
+
+def test_cleanup_with_fake_client_deletes_only_stale() -> None:
+    keep = flow(VIP, POD_B, sport=1)
+    gone = flow(VIP, POD_A, sport=2)
+    other_family = flow("fd00::1", "fd00::2")
+    fake = FakeConntrack([keep, gone, other_family])
+    result = clean_stale_entries(fake, 4, [(DNS_NP, (ep(POD_B),))])
+    assert (result.examined, result.deleted, result.error) == (2, 1, "")
+    assert fake.flows == [keep, other_family]
+
+
+class _Broken(FakeConntrack):
+    def list_udp(self, family: Family) -> list[Flow]:
+        raise OSError(1, "Operation not permitted")
+
+
+def test_kernel_errors_are_reported_not_raised() -> None:
+    result = clean_stale_entries(_Broken(), 4, [(DNS_NP, ())])
+    assert result.deleted == 0 and "not permitted" in result.error
+
+
+# ------------------------------------------------------------------ kernel
+
+NODE_IP, POD_IP, NEW_POD_IP = "10.250.0.1", "10.250.0.2", "10.250.0.3"
+VIP_DEAD, VIP_LIVE, NODE_PORT = "10.96.0.10", "10.96.0.11", 30053
+NODE_IP6, POD_IP6, NEW_POD_IP6, VIP6 = "fd00:250::1", "fd00:250::2", "fd00:250::3", "fd00:96::a"
+
+
+@contextlib.contextmanager
+def node_and_pod() -> Iterator[tuple[str, str]]:
+    """A node namespace with a pod namespace behind a veth; DNAT rules as kube-proxy would write them.
+
+    The pod namespace holds both the old endpoint's address and its replacement's.
+    """
+    tag = "kphc" + secrets.token_hex(3)
+    node, pod = f"{tag}-node", f"{tag}-pod"
+    try:
+        create_netns(node)
+        create_netns(pod)
+        subprocess.run(
+            ["ip", "-n", node, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", pod],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        ip_batch(
+            node,
+            [
+                "link set lo up",
+                "link set veth0 up",
+                f"addr add {NODE_IP}/24 dev veth0",
+                "route add default dev veth0",
+                f"addr add {NODE_IP6}/64 dev veth0 nodad",
+                "route add ::/0 dev veth0",
+            ],
+        )
+        ip_batch(
+            pod,
+            [
+                "link set lo up",
+                "link set eth0 up",
+                f"addr add {POD_IP}/24 dev eth0",
+                f"addr add {NEW_POD_IP}/24 dev eth0",
+                f"addr add {POD_IP6}/64 dev eth0 nodad",
+            ],
+        )
+        for rule in (
+            f"-d {VIP_DEAD}/32 -p udp --dport 53 -j DNAT --to-destination {POD_IP}:5353",
+            f"-d {VIP_LIVE}/32 -p udp --dport 53 -j DNAT --to-destination {POD_IP}:5353",
+            f"-d {NODE_IP}/32 -p udp --dport {NODE_PORT} -j DNAT --to-destination {POD_IP}:5353",
+        ):
+            exec_in(node, ["iptables-nft", "-t", "nat", "-A", "OUTPUT", *rule.split()])
+        v6 = f"-d {VIP6}/128 -p udp --dport 53 -j DNAT --to-destination [{POD_IP6}]:5353"
+        exec_in(node, ["ip6tables-nft", "-t", "nat", "-A", "OUTPUT", *v6.split()])
+        yield node, pod
+    finally:
+        delete_netns(pod)
+        delete_netns(node)
+
+
+def _send(ns: str, targets: Sequence[tuple[str, int]]) -> None:
+    with entered(ns):
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in targets]
+    for s, target in zip(socks, targets, strict=True):
+        with s:
+            s.sendto(b"q", target)
+
+
+def _by_dst(flows: Sequence[Flow]) -> dict[tuple[str, int], str]:
+    return {(f.dst, f.dport): f.reply_src for f in flows}
+
+
+CLIENTS: dict[str, type[NetlinkConntrack] | type[PyrouteConntrack]] = {
+    "netlink": NetlinkConntrack,
+    "pyroute2": PyrouteConntrack,
+}
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("impl", sorted(CLIENTS))
+def test_endpoint_removed_entries_deleted_in_namespace(impl: str) -> None:
+    with node_and_pod() as (node, pod):
+        with entered(pod):
+            sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a listener, so no ICMP errors come back
+        with sink:
+            sink.bind((POD_IP, 5353))
+            _send(node, [(VIP_DEAD, 53), (VIP_LIVE, 53), (NODE_IP, NODE_PORT), (POD_IP, 9999)])
+
+            client: ConntrackClient = CLIENTS[impl](netns=node)
+            before = _by_dst(client.list_udp(4))
+            assert before == {
+                (VIP_DEAD, 53): POD_IP,
+                (VIP_LIVE, 53): POD_IP,
+                (NODE_IP, NODE_PORT): POD_IP,
+                (POD_IP, 9999): POD_IP,
+            }, "the kernel should hold one DNATed entry per service flow plus the direct one"
+
+            dead = sp(name="dead", ip=VIP_DEAD, node_port=NODE_PORT)
+            live = sp(name="live", ip=VIP_LIVE)
+            view = [(dead, (ep(NEW_POD_IP),)), (live, (ep(POD_IP),))]
+            result = clean_stale_entries(client, 4, view)
+            assert (result.deleted, result.error) == (2, "")
+
+            after = _by_dst(client.list_udp(4))
+            assert after == {(VIP_LIVE, 53): POD_IP, (POD_IP, 9999): POD_IP}
+
+            listed = exec_in(node, ["conntrack", "-L", "-p", "udp"], check=False).stdout
+            assert f"dst={VIP_DEAD}" not in listed and f"dport={NODE_PORT}" not in listed
+            assert f"dst={VIP_LIVE}" in listed, "the conntrack tool must agree with netlink"
+
+            assert clean_stale_entries(client, 4, view).deleted == 0, "a second pass finds nothing"
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("impl", sorted(CLIENTS))
+def test_works_from_inside_the_namespace_too(impl: str) -> None:
+    """The agent itself runs in the node's namespace and names none."""
+    with node_and_pod() as (node, _pod):
+        _send(node, [(VIP_DEAD, 53)])
+        with entered(node):
+            client: ConntrackClient = CLIENTS[impl]()
+            flows = client.list_udp(4)
+            assert _by_dst(flows) == {(VIP_DEAD, 53): POD_IP}
+            assert client.delete(flows) == 1
+            assert client.delete(flows) == 0, "an entry already gone is not an error"
+            assert client.list_udp(4) == []
+
+
+@pytest.mark.privileged
+def test_netlink_reader_agrees_with_pyroute2_and_skips_tcp() -> None:
+    """The hand-rolled ctnetlink reader must see exactly what pyroute2's full decoder sees, TCP excluded."""
+    with node_and_pod() as (node, pod):
+        with entered(pod):
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with listener:
+            listener.bind((POD_IP, 8080))
+            listener.listen(8)
+            with entered(node):
+                tcp = socket.create_connection((POD_IP, 8080), timeout=5)
+            with tcp:
+                _send(node, [(VIP_DEAD, 53), (VIP_LIVE, 53), (NODE_IP, NODE_PORT), (POD_IP, 9999)] * 3)
+                tcp_listed = exec_in(node, ["conntrack", "-L", "-p", "tcp"], check=False).stdout
+                assert "dport=8080" in tcp_listed, (
+                    "the table must hold a TCP entry for this test to mean anything"
+                )
+                fast = sorted(NetlinkConntrack(netns=node).list_udp(4), key=repr)
+                slow = sorted(PyrouteConntrack(netns=node).list_udp(4), key=repr)
+                assert fast == slow
+                assert len(fast) == 12
+                assert NetlinkConntrack(netns=node).list_udp(6) == []
+
+
+def _received(sock: socket.socket, timeout: float = 3.0) -> bool:
+    ready, _, _ = select.select([sock], [], [], timeout)
+    if ready:
+        sock.recv(64)
+    return bool(ready)
+
+
+@pytest.mark.privileged
+def test_replaced_endpoint_gets_the_next_datagram_only_after_cleanup() -> None:
+    """The user-visible bug this fixes: a client reusing its port keeps talking to a dead endpoint."""
+    with node_and_pod() as (node, pod):
+        with entered(pod):
+            old, new = (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+            )
+        with entered(node):
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with old, new, client:
+            old.bind((POD_IP, 5353))
+            new.bind((NEW_POD_IP, 5353))
+            client.sendto(b"q1", (VIP_DEAD, 53))
+            assert _received(old), "first query should reach the original endpoint"
+
+            # The endpoint is replaced: rewrite the DNAT, as a sync would.
+            exec_in(
+                node,
+                [
+                    "iptables-nft", "-t", "nat", "-R", "OUTPUT", "1", "-d", f"{VIP_DEAD}/32", "-p", "udp",
+                    "--dport", "53", "-j", "DNAT", "--to-destination", f"{NEW_POD_IP}:5353",
+                ],
+            )  # fmt: skip
+            client.sendto(b"q2", (VIP_DEAD, 53))
+            assert _received(old, 1.0), "without cleanup the old conntrack entry still steers to the old pod"
+            assert not _received(new, 0.2)
+
+            view = [(sp(name="dead", ip=VIP_DEAD), (ep(NEW_POD_IP),))]
+            assert clean_stale_entries(NetlinkConntrack(netns=node), 4, view).deleted == 1
+            client.sendto(b"q3", (VIP_DEAD, 53))
+            assert _received(new), "after cleanup the next datagram reaches the replacement"
+
+
+@pytest.mark.privileged
+def test_ipv6_entries_listed_alike_and_deleted() -> None:
+    with node_and_pod() as (node, pod):
+        with entered(pod):
+            sink = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        with entered(node):
+            client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        with sink, client:
+            sink.bind((POD_IP6, 5353))
+            client.sendto(b"q", (VIP6, 53))
+            client.sendto(b"q", (POD_IP6, 9999))
+            fast = NetlinkConntrack(netns=node)
+            listed = sorted(fast.list_udp(6), key=repr)
+            assert listed == sorted(PyrouteConntrack(netns=node).list_udp(6), key=repr)
+            assert {(f.dst, f.dport, f.reply_src) for f in listed} == {
+                (VIP6, 53, POD_IP6),
+                (POD_IP6, 9999, POD_IP6),
+            }
+            assert fast.list_udp(4) == [], "families never mix"
+            view = [(sp(ip=VIP6), (ep(NEW_POD_IP6),))]
+            assert clean_stale_entries(fast, 6, view).deleted == 1
+            assert [(f.dst, f.dport) for f in fast.list_udp(6)] == [(POD_IP6, 9999)]

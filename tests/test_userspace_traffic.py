@@ -1,0 +1,443 @@
+"""Real TCP and UDP traffic through the userspace proxier, all on 127.0.0.1 (no privileges).
+
+Backends are small servers in the test's own event loop that answer with their name, so
+each test can tell which endpoint a connection reached. Everything runs on uvloop, the
+loop the proxier is written for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, cast
+
+import pytest
+import uvloop
+
+from kproxy.backends.userspace.proxier import UserspaceProxier
+from kproxy.backends.userspace.sctp import sctp_unsupported
+from kproxy.backends.userspace.tcp import Hooks
+from kproxy.state.model import Endpoint, Protocol, ServicePort, ServicePortName
+
+LO = "127.0.0.1"
+
+
+def run(coro: Coroutine[Any, Any, None], timeout: float = 30.0) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(timeout):
+            await coro
+
+    uvloop.run(bounded())
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class TcpBackend(asyncio.Protocol):
+    """Sends `NAME\\n` on connect, then echoes."""
+
+    def __init__(self, owner: TcpServer) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.owner.conns.add(self)
+        self.owner.accepted += 1
+        transport.write(self.owner.name.encode() + b"\n")
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        assert self.transport is not None
+        self.transport.write(b"bye\n")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.conns.discard(self)
+
+
+class TcpServer:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.conns: set[TcpBackend] = set()
+        self.accepted = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> TcpServer:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: TcpBackend(self), LO, 0, backlog=1024)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def kill(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for c in list(self.conns):
+            assert c.transport is not None
+            c.transport.abort()
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(LO, self.port)
+
+
+class UdpBackend(asyncio.DatagramProtocol):
+    """Answers each datagram with `NAME:payload`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name.encode()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(self.name + b":" + data, addr)
+
+
+def spn(name: str = "web", proto: Protocol = "TCP") -> ServicePortName:
+    return ServicePortName("default", name, "", proto)
+
+
+def view(
+    endpoints: list[Endpoint], *, proto: Protocol = "TCP", affinity: int = 0, algorithm: str = ""
+) -> dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]:
+    name = spn(proto=proto)
+    sp = ServicePort(name, 4, "10.96.0.10", 80, affinity_timeout=affinity, lb_algorithm=algorithm)
+    return {name: (sp, tuple(endpoints))}
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    r, w = await asyncio.open_connection(LO, port)
+    line = await r.readline()
+    return r, w, line.decode().strip()
+
+
+async def one(port: int) -> str:
+    r, w, name = await connect(port)
+    w.write(b"ping\n")
+    assert await r.readline() == b"ping\n"
+    w.close()
+    await w.wait_closed()
+    return name
+
+
+async def refused(port: int) -> None:
+    """The proxy accepted and then closed or reset without a byte (the reset may even beat connect's return)."""
+    try:
+        r, w = await asyncio.open_connection(LO, port)
+    except ConnectionResetError:
+        return
+    try:
+        assert await r.read() == b""
+    except ConnectionResetError:
+        pass
+    w.close()
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+async def started(*names: str) -> list[TcpServer]:
+    return [await TcpServer(n).start() for n in names]
+
+
+Body = Callable[[UserspaceProxier, list[TcpServer]], Awaitable[None]]
+
+
+def with_proxier(body: Body, *, backends: int = 2, **kw: Any) -> None:
+    async def main() -> None:
+        servers = await started(*(f"b{i}" for i in range(backends)))
+        proxier = UserspaceProxier(bind_ip=LO, **kw)
+        try:
+            await body(proxier, servers)
+        finally:
+            await proxier.close(deadline=1.0)
+            for s in servers:
+                s.kill()
+
+    run(main())
+
+
+# ------------------------------------------------------------------------ TCP
+
+
+def test_round_robin_spreads_connections() -> None:
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([s.endpoint for s in servers]))
+        port = p.port_of(spn())
+        assert port
+        got = Counter([await one(port) for _ in range(10)])
+        assert got == {"b0": 5, "b1": 5}
+
+    with_proxier(body)
+
+
+def test_client_ip_affinity_holds() -> None:
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([s.endpoint for s in servers], affinity=60))
+        port = p.port_of(spn())
+        assert port
+        got = {await one(port) for _ in range(10)}
+        assert len(got) == 1
+
+    with_proxier(body)
+
+
+def test_least_connections_by_annotation() -> None:
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([s.endpoint for s in servers], algorithm="least-connections"))
+        port = p.port_of(spn())
+        assert port
+        held = [await connect(port) for _ in range(3)]
+        names = Counter(n for _, _, n in held)
+        # after b? took 2 of 3, the next connections must go to the one with fewer
+        lighter = min(names, key=lambda n: names[n])
+        assert await one(port) == lighter
+        for _, w, _ in held:
+            w.close()
+
+    with_proxier(body)
+
+
+def test_half_close_keeps_the_other_direction() -> None:
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([servers[0].endpoint]))
+        port = p.port_of(spn())
+        assert port
+        r, w, _ = await connect(port)
+        w.write(b"last\n")
+        w.write_eof()
+        assert await r.readline() == b"last\n"
+        assert await r.readline() == b"bye\n"  # the backend still answered after our EOF
+        assert await r.read() == b""
+        w.close()
+
+    with_proxier(body)
+
+
+def test_killed_backend_loses_only_its_connections() -> None:
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([s.endpoint for s in servers]))
+        port = p.port_of(spn())
+        assert port
+        conns = [await connect(port) for _ in range(6)]
+        dead = servers[0]
+        dead.kill()
+        for r, w, name in conns:
+            w.write(b"still\n")
+            try:
+                line = await r.readline()
+            except ConnectionResetError:
+                line = b""
+            assert (line == b"still\n") == (name != dead.name), name
+            w.close()
+        got = Counter([await one(port) for _ in range(8)])
+        assert got == {"b1": 8}
+
+    with_proxier(body)
+
+
+def test_removed_endpoint_drains() -> None:
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([s.endpoint for s in servers]))
+        port = p.port_of(spn())
+        assert port
+        a = await connect(port)
+        b = await connect(port)
+        old = next(c for c in (a, b) if c[2] == "b0")
+        await p.sync(view([servers[1].endpoint]))
+        assert p.port_of(spn()) == port  # same listener
+        old[1].write(b"after removal\n")
+        assert await old[0].readline() == b"after removal\n"
+        assert {await one(port) for _ in range(6)} == {"b1"}
+        for _, w, _ in (a, b):
+            w.close()
+
+    with_proxier(body)
+
+
+def test_connection_limit_refuses_and_reports() -> None:
+    hits: list[str] = []
+
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([s.endpoint for s in servers]))
+        port = p.port_of(spn())
+        assert port
+        held = [await connect(port) for _ in range(3)]
+        assert p.open_connections == 3
+        await refused(port)
+        assert hits == ["default/web"]
+        held[0][1].close()
+        await until(lambda: p.open_connections == 2)
+        assert await one(port) in {"b0", "b1"}
+        for _, w2, _ in held[1:]:
+            w2.close()
+
+    with_proxier(body, max_connections=3, hooks=Hooks(connection_limit=hits.append))
+
+
+def test_no_endpoints_closes_the_client() -> None:
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([]))
+        port = p.port_of(spn())
+        assert port
+        await refused(port)
+        await until(lambda: p.open_connections == 0)
+
+    with_proxier(body)
+
+
+def test_service_removal_closes_listener() -> None:
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([s.endpoint for s in servers]))
+        port = p.port_of(spn())
+        assert port
+        await p.sync({})
+        assert p.listener_ports() == {}
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(LO, port)
+
+    with_proxier(body)
+
+
+def test_ten_thousand_connections_leak_no_descriptors() -> None:
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([s.endpoint for s in servers]))
+        port = p.port_of(spn())
+        assert port
+        sem = asyncio.Semaphore(50)
+
+        async def bounded() -> None:
+            async with sem:
+                await one(port)
+
+        await asyncio.gather(*(bounded() for _ in range(200)))
+        await until(lambda: p.open_connections == 0 and not any(s.conns for s in servers))
+        before = fd_count()
+        await asyncio.gather(*(bounded() for _ in range(10_000)))
+        await until(lambda: p.open_connections == 0 and not any(s.conns for s in servers))
+        assert sum(s.accepted for s in servers) == 10_200
+        assert fd_count() <= before
+
+    with_proxier(body)
+
+
+# ------------------------------------------------------------------------ UDP
+
+
+def test_udp_sessions_per_client_and_idle_close() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        backends = []
+        for n in ("u0", "u1"):
+            t, _ = await loop.create_datagram_endpoint(lambda n=n: UdpBackend(n), local_addr=(LO, 0))  # type: ignore[misc]
+            backends.append(t)
+        eps = [Endpoint(LO, t.get_extra_info("sockname")[1]) for t in backends]
+        p = UserspaceProxier(bind_ip=LO, udp_idle_timeout=0.3)
+        clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        try:
+            before = fd_count()
+            await p.sync(view(eps, proto="UDP"))
+            port = p.port_of(spn(proto="UDP"))
+            assert port
+            seen: list[set[bytes]] = [set(), set()]
+            for c in clients:
+                c.setblocking(False)
+                c.connect((LO, port))  # connected: replies must come from the service address
+            for i in range(5):
+                for k, c in enumerate(clients):
+                    c.send(b"q%d" % i)
+                    reply = await loop.sock_recv(c, 2048)
+                    name, _, body = reply.partition(b":")
+                    assert body == b"q%d" % i
+                    seen[k].add(name)
+            assert all(len(s) == 1 for s in seen)  # one backend per client address
+            assert seen[0] != seen[1]  # round robin between clients
+            udp = p._ports[spn(proto="UDP")].udp
+            assert udp is not None and len(udp.sessions) == 2
+            assert fd_count() == before + 3  # listener + one backend socket per client
+            await until(lambda: not udp.sessions, timeout=3)
+            assert fd_count() == before + 1
+        finally:
+            await p.close(deadline=0.5)
+            for c in clients:
+                c.close()
+            for t in backends:
+                t.close()
+
+    run(main())
+
+
+# ------------------------------------------------------------------------ SCTP
+
+SCTP_REASON = sctp_unsupported()
+
+
+@pytest.mark.skipif(SCTP_REASON is not None, reason="kernel has no SCTP support")
+def test_sctp_forwarding() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+        srv.bind((LO, 0))
+        srv.listen(8)
+        srv.setblocking(False)
+        server = await loop.create_server(lambda: TcpBackend(TcpServer("s0")), sock=srv)
+        p = UserspaceProxier(bind_ip=LO)
+        try:
+            name = spn(proto="SCTP")
+            sp = ServicePort(name, 4, "10.96.0.10", 80)
+            await p.sync({name: (sp, (Endpoint(LO, srv.getsockname()[1]),))})
+            port = p.port_of(name)
+            assert port
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+            c.setblocking(False)
+            await loop.sock_connect(c, (LO, port))
+            assert (await loop.sock_recv(c, 100)).startswith(b"s0")
+            c.close()
+        finally:
+            await p.close(deadline=0.5)
+            server.close()
+
+    run(main())
+
+
+def test_sctp_service_without_kernel_support_is_skipped_cleanly() -> None:
+    if SCTP_REASON is None:
+        pytest.skip("kernel has SCTP support; the fallback path is not reachable here")
+
+    async def main() -> None:
+        p = UserspaceProxier(bind_ip=LO)
+        name = spn(proto="SCTP")
+        await p.sync({name: (ServicePort(name, 4, "10.96.0.10", 80), (Endpoint(LO, 9),))})
+        assert p.port_of(name) is None
+        await p.close()
+
+    run(main())
+
+
+def test_client_speaks_first_and_closes_before_dial_completes() -> None:
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([servers[0].endpoint]))
+        port = p.port_of(spn())
+        assert port
+        for _ in range(20):
+            r, w = await asyncio.open_connection(LO, port)
+            w.write(b"early\n")
+            w.write_eof()
+            assert await r.read() == b"b0\nearly\nbye\n"
+            w.close()
+
+    with_proxier(body)
