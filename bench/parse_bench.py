@@ -1,6 +1,6 @@
 """Parse throughput on synthetic API objects (plain dicts, as json.loads gives them).
 
-    /tmp/venv/bin/python bench/parse_bench.py [--objects 20000] [--endpoints 5] [--batch]
+    /tmp/venv/bin/python bench/parse_bench.py [--objects 20000] [--endpoints 5] [--batch | --view]
 
 Half Services (two named ports, ClusterIP), half EndpointSlices (two ports, N endpoints
 with conditions, node name and zone). Every address is distinct, so the first pass
@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kproxy.state.build import Snapshot, view
 from kproxy.state.parse import parse_many, parse_object
 
 
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=20000)
     ap.add_argument("--endpoints", type=int, default=5)
     ap.add_argument("--batch", action="store_true", help="use parse_many (cyclic GC paused for the batch)")
+    ap.add_argument("--view", action="store_true", help="time build.view over the parsed objects instead")
     args = ap.parse_args()
     objs = synthetic(args.objects, args.endpoints)
     runs: list[tuple[str, Callable[[], int]]] = [
@@ -90,6 +92,17 @@ def main() -> None:
             ("parse_many cold", lambda: len(parse_many(objs, "bench")[0])),
             ("parse_many warm", lambda: len(parse_many(objs, "bench")[0])),
         ]
+    if args.view:
+        parsed, _ = parse_many(objs, "bench")
+        snap = Snapshot.from_objects(parsed, "node-1")
+        t0, c0 = time.perf_counter(), time.process_time()
+        ports = view(snap, "node-1", 4)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        n_eps = sum(len(eps) for _, eps in ports.values())
+        print(
+            f"view: {len(ports)} service ports, {n_eps} endpoints in {dt * 1000:.0f} ms wall ({cpu * 1000:.0f} ms CPU)"
+        )
+        return
     for label, run in runs:
         t0, c0 = time.perf_counter(), time.process_time()
         n = run()

@@ -7,7 +7,7 @@ keep answering during a long full sync.
 
 A sync takes the pending changes from the tracker, brings each family's view up to
 date for just the services that changed, and hands the changed port names to the
-backend. A failed sync gives every change back and makes the next sync full; the
+backend. A failed sync gives every change back and the backend's next sync is full; the
 rules already in the kernel keep serving meanwhile. SIGTERM stops the loop and
 leaves the rules in place, so traffic flows across a restart.
 """
@@ -84,8 +84,6 @@ class NodeAgent:
         self.health = ProxierHealth.for_sync_period(settings.sync_period)
         self.metrics = Metrics(families=self.families)
         self.runner = BoundedFrequencyRunner(self._sync, settings.min_sync_period, settings.sync_period)
-        self._need_full = True
-        self._last_full = 0.0
         self._cfgs: dict[Family, RenderConfig] = {}
         self._stopping = asyncio.Event()
         self._servers: list[HealthServer | MetricsServer] = []
@@ -131,20 +129,21 @@ class NodeAgent:
             return True
         pending = self.tracker.take()
         taken_at = self.health.now()
-        now = time.monotonic()
-        full = self._need_full or now - self._last_full >= self.settings.full_sync_period
-        if pending.node_changed or not self._cfgs:
-            cfgs = self._render_configs()
-            full = full or cfgs != self._cfgs
-            self._cfgs = cfgs
+        first = not self._cfgs
+        if pending.node_changed or first:
+            self._cfgs = self._render_configs()
         started = time.perf_counter()
+        any_changed = first
         try:
             for family in self.families:
                 view = self.views[family]
-                changed = view.rebuild(self.tracker) if full else view.update(self.tracker, pending.services)
+                changed = view.rebuild(self.tracker) if first else view.update(self.tracker, pending.services)
+                any_changed = any_changed or bool(changed)
                 t0 = time.perf_counter()
+                # None asks the backend for a full sync; it also goes full on its own after a
+                # failure, a config change, a vanished canary or the periodic deadline.
                 report = await self.backend.sync(
-                    family, view.ports, None if full else changed, self._cfgs[family]
+                    family, view.ports, None if first else changed, self._cfgs[family]
                 )
                 self._after_family_sync(
                     family, report, time.perf_counter() - t0, taken_at, pending.trigger_times
@@ -153,27 +152,27 @@ class NodeAgent:
                     await self._clean_conntrack(family)
         except (KproxyError, OSError) as e:
             self.tracker.requeue(pending)
-            self._need_full = True
+            if first:
+                self._cfgs = {}
             for family in self.families:
-                self.metrics.restore_failed(family, partial=not full)
-            log.error("sync_failed", full=full, error=str(e))
+                self.metrics.restore_failed(family, partial=not first)
+            log.error("sync_failed", error=str(e))
             return False
-        if full:
-            self._last_full = now
-        self._need_full = False
         self.syncs += 1
-        all_ports = [entry for v in self.views.values() for entry in v.ports.values()]
-        await self.service_health.sync_services(health_check_ports(all_ports))
-        self.service_health.sync_endpoints(local_ready_endpoints(all_ports))
+        if any_changed:
+            all_ports = [entry for v in self.views.values() for entry in v.ports.values()]
+            await self.service_health.sync_services(health_check_ports(all_ports))
+            self.service_health.sync_endpoints(local_ready_endpoints(all_ports))
         self.metrics.count_changes(services=pending.service_changes, endpoints=pending.endpoint_changes)
         services, endpoints = self.tracker.pending_counts
         self.metrics.set_pending(services=services, endpoints=endpoints)
-        log.info(
-            "synced",
-            full=full,
-            services_changed=len(pending.services),
-            seconds=f"{time.perf_counter() - started:.3f}",
-        )
+        if any_changed:
+            log.info(
+                "synced",
+                first=first,
+                services_changed=len(pending.services),
+                seconds=f"{time.perf_counter() - started:.3f}",
+            )
         return True
 
     def _after_family_sync(
@@ -281,6 +280,45 @@ class NodeAgent:
     def stop(self) -> None:
         self._stopping.set()
         self.runner.stop()
+
+
+def make_backend(settings: Settings) -> Backend:
+    if settings.proxy_mode == "userspace":
+        from kproxy.backends.userspace.mode import UserspaceMode
+
+        return UserspaceMode.for_host(settings)
+    from kproxy.backends.iptables.proxier import IptablesProxier
+
+    return IptablesProxier.for_host(settings.iptables_backend, full_sync_period=settings.full_sync_period)
+
+
+def run_agent(settings: Settings) -> int:
+    """`kproxy run`: build the agent for this host and serve until SIGTERM."""
+    from kproxy.nodeaddr import node_addresses
+
+    log.setup(settings.log_level)
+    try:
+        backend = make_backend(settings)
+    except KproxyError as e:
+        log.error("startup_failed", error=str(e))
+        return 2
+    agent = NodeAgent(settings, backend, node_ips=node_addresses())
+    if settings.proxy_mode == "iptables":
+        from kproxy.backends.iptables.conntrack import NetlinkConntrack
+
+        agent.conntrack = NetlinkConntrack()
+
+    async def main() -> None:
+        install_signal_handlers(agent)
+        await agent.serve()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover - a declared dependency
+        asyncio.run(main())
+    return 0
 
 
 _KIND_OF_RESOURCE = {

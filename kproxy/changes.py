@@ -243,7 +243,9 @@ class ChangeTracker:
         if kind == "Node":
             return [("", self.node.name)] if self.node is not None else []
         if kind == "Endpoints":
-            return sorted({(key.namespace, key.name) for (k, _, _), key in self._slice_owner.items() if k == kind})
+            return sorted(
+                {(key.namespace, key.name) for (k, _, _), key in self._slice_owner.items() if k == kind}
+            )
         return [(ns, name) for (k, ns, name) in self._slice_owner if k == kind]
 
     def _drop_slice(self, key: ServiceKey, slot: tuple[str, str]) -> None:

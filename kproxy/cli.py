@@ -10,12 +10,13 @@ import argparse
 import ipaddress
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import TextIO
 
 from kproxy.backends.iptables.render import render_snapshot
 from kproxy.config import RenderConfig, render_config
+from kproxy.errors import ConfigError, KproxyError
 from kproxy.explain import explain
+from kproxy.settings import add_run_arguments, from_args
 from kproxy.sources.files import load_paths
 from kproxy.state.build import Snapshot, view
 from kproxy.state.model import FAMILIES, Family, ServiceKey
@@ -108,7 +109,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_dry_run(sub)
+    add_run(sub)
+    add_cleanup(sub)
     return parser
+
+
+def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the node agent: watch the cluster (or a manifest directory) and keep the rules in step",
+        description="Watch Services, EndpointSlices and this Node, and program this node's "
+        "iptables rules (or the userspace forwarder). Flags are kube-proxy's; they override --config.",
+    )
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_run)
+
+
+def add_cleanup(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "cleanup",
+        help="remove every rule and chain kproxy (or kube-proxy) owns, in both families, and exit",
+    )
+    p.set_defaults(func=cmd_cleanup)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kproxy.agent import run_agent
+
+    try:
+        settings = from_args(args)
+    except ConfigError as e:
+        _warn(sys.stderr, f"refusing to start: {e}")
+        return 2
+    return run_agent(settings)
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from kproxy.backends.iptables.cleanup import cleanup
+
+    try:
+        removed = cleanup()
+    except KproxyError as e:
+        _warn(sys.stderr, f"cleanup failed: {e}")
+        return 1
+    sys.stderr.write(f"kproxy: removed {removed} chains\n")
+    return 0
 
 
 def _warn(err: TextIO, text: str) -> None:
@@ -121,18 +166,18 @@ def dry_run_configs(
     node = snapshot.node
     cfgs = []
     for family in families:
-        cfg = render_config(
-            family,
-            args.node_name,
-            node_zone=node.zone if node else "",
-            node_pod_cidrs=node.pod_cidrs if node else (),
-            cluster_cidr=args.cluster_cidr,
-            masquerade_all=args.masquerade_all,
-            nodeport_addresses=args.nodeport_addresses,
-            node_ips=node.addresses if node else (),
+        cfgs.append(
+            render_config(
+                family,
+                args.node_name,
+                node_zone=node.zone if node else "",
+                node_pod_cidrs=node.pod_cidrs if node else (),
+                cluster_cidr=args.cluster_cidr,
+                masquerade_all=args.masquerade_all,
+                nodeport_addresses=args.nodeport_addresses,
+                node_ips=node.addresses if node else (),
+            )
         )
-        mine = [ip for ip in (node.addresses if node else ()) if (":" in ip) == (family == 6)]
-        cfgs.append(replace(cfg, node_ip=mine[0] if mine else ""))
     return cfgs
 
 
@@ -180,4 +225,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Command = args.func
     return func(args)
-

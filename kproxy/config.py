@@ -71,10 +71,14 @@ def render_config(
     if wanted:
         nets = [ipaddress.ip_network(c, strict=False) for c in wanted]
         nodeport_ips = tuple(
-            ip for ip in node_ips if (":" in ip) == (family == 6) and any(ipaddress.ip_address(ip) in n for n in nets)
+            ip
+            for ip in node_ips
+            if (":" in ip) == (family == 6) and any(ipaddress.ip_address(ip) in n for n in nets)
         )
+    mine = [ip for ip in node_ips if (":" in ip) == (family == 6)]
     return RenderConfig(
         family=family,
+        node_ip=mine[0] if mine else "",
         node_name=node_name,
         node_zone=node_zone,
         cluster_cidr=_in_family(cluster_cidr, family),

@@ -1,10 +1,10 @@
 """Every error kproxy raises on purpose.
 
-    KproxyError
-    ├── ObjectError        a Kubernetes object that cannot be used (skipped, never fatal)
-    ├── ConfigError        a flag or config-file value refused at start
-    ├── RestoreError       iptables-restore refused a payload (the next sync is full)
-    └── SourceError        a source (API server, manifest directory) failed
+KproxyError
+├── ObjectError        a Kubernetes object that cannot be used (skipped, never fatal)
+├── ConfigError        a flag or config-file value refused at start
+├── RestoreError       iptables-restore refused a payload (the next sync is full)
+└── SourceError        a source (API server, manifest directory) failed
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class RestoreError(KproxyError):
         self.stderr = stderr
         self.line = line
         at = f" at line {line}" if line is not None else ""
-        super().__init__(f"ip{'6' if family == 6 else ''}tables-restore failed{at} (exit {returncode}): {stderr.strip()}")
+        super().__init__(
+            f"ip{'6' if family == 6 else ''}tables-restore failed{at} (exit {returncode}): {stderr.strip()}"
+        )
 
 
 class SourceError(KproxyError):

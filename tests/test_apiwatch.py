@@ -28,7 +28,7 @@ from kproxy.sources.apiwatch import (
     make_api_client,
 )
 from kproxy.state.model import EndpointSlice, ObjectRef, Service
-from kproxy.state.parse import parse_object_all
+from kproxy.state.parse import Parsed, parse_object_all
 from tests.apiserver_standin import (
     ApiServerStandIn,
     _label_match,
@@ -132,15 +132,10 @@ class Harness:
     async def synced(self) -> None:
         await self.until(lambda: self.mirror.listed(self.source.resources), "first lists")
 
-    def versions(self, resource: Resource) -> dict[ObjectRef, str]:
-        out = {}
-        for ref, objs in self.mirror.get(resource).items():
-            o = objs[0]
-            assert isinstance(o, (Service, EndpointSlice))
-            out[ref] = o.resource_version
-        return out
+    def state(self, resource: Resource) -> dict[ObjectRef, tuple[Parsed, ...]]:
+        return dict(self.mirror.get(resource))
 
-    def expected(self, kind: str) -> dict[ObjectRef, str]:
+    def expected(self, kind: str) -> dict[ObjectRef, tuple[Parsed, ...]]:
         """What the API holds for `kind`, as kube-proxy's selector and kproxy's parser see it."""
         out = {}
         for obj in self.api.objects(kind):
@@ -148,15 +143,15 @@ class Harness:
             if not _label_match(PROXY_LABEL_SELECTOR, meta.get("labels") or {}):
                 continue
             try:
-                if not parse_object_all(obj):
-                    continue
+                parsed = parse_object_all(obj)
             except ObjectError:
                 continue
-            out[ObjectRef(kind, meta.get("namespace", ""), meta["name"])] = meta["resourceVersion"]
+            if parsed:
+                out[ObjectRef(kind, meta.get("namespace", ""), meta["name"])] = parsed
         return out
 
     def converged(self) -> bool:
-        return self.versions("services") == self.expected("Service") and self.versions(
+        return self.state("services") == self.expected("Service") and self.state(
             "endpointslices"
         ) == self.expected("EndpointSlice")
 
@@ -192,8 +187,9 @@ def test_first_list_delivers_every_object_then_listed_marker(api: ApiServerStand
                 "endpointslices": ("listed", True),
                 "nodes": ("listed", True),
             }
-            assert h.versions("services") == h.expected("Service")
-            assert len(h.versions("endpointslices")) == 5
+            assert h.state("services") == h.expected("Service")
+            assert h.state("endpointslices") == h.expected("EndpointSlice")
+            assert len(h.state("endpointslices")) == 5
             assert [o.name for o in h.mirror.get("nodes").get(ObjectRef("Node", "", NODE), ())] == [NODE]
 
     run(main())
@@ -271,8 +267,10 @@ def test_watch_delivers_add_modify_delete_in_order(api: ApiServerStandIn) -> Non
                 ("upsert", rv[2]),
                 ("delete", rv[3]),
             ]
-            ips = [e.objects[0].cluster_ips for e in h.events_for(svc_ref("x")) if e.kind == "upsert"]
-            assert ips == [("10.96.1.1",), ("10.96.1.2",), ("10.96.1.3",)]  # type: ignore[union-attr]
+            ips = [
+                o.cluster_ips for e in h.events_for(svc_ref("x")) for o in e.objects if isinstance(o, Service)
+            ]
+            assert ips == [("10.96.1.1",), ("10.96.1.2",), ("10.96.1.3",)]
 
     run(main())
 

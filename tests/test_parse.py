@@ -903,7 +903,9 @@ def test_parse_many_collects_errors_and_restores_the_collector(gc_was_enabled: b
     items = [
         service(),
         at(service(name="b"), "spec.clusterIP", "x"),
-        legacy_endpoints(subsets=[{"addresses": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}], "ports": [{"port": 80}]}]),
+        legacy_endpoints(
+            subsets=[{"addresses": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}], "ports": [{"port": 80}]}]
+        ),
         {k: v for k, v in node().items() if k != "kind"},
         "junk",
     ]
@@ -1025,3 +1027,18 @@ def test_recursive_load_survives_symlink_loops_and_skips_hidden(tmp_path: Path) 
     (tmp_path / "loop").symlink_to(tmp_path)
     objs, errs = load_paths([str(tmp_path)], recursive=True)
     assert errs == [] and [type(o).__name__ for o in objs] == ["Service"]
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("%YAML 1.1\n---\nkind: Node\nmetadata: {name: Bad}\n", 3),
+        ("# header\n---\n# about the node\nkind: Node\nmetadata: {name: Bad}\n", 4),
+        ("kind: Node\nmetadata: {name: ok}\n...\n---\nkind: Node\nmetadata: {name: Bad}\n", 5),
+        ("--- !!map\nkind: Node\nmetadata: {name: Bad}\n", 1),
+    ],
+    ids=["directive", "comment-header", "document-end-marker", "tag-on-marker-line"],
+)
+def test_yaml_document_forms_and_error_lines(text: str, line: int) -> None:
+    _, errs = parse_stream(text, "d.yaml")
+    assert [(e.source, e.field) for e in errs] == [(f"d.yaml:{line}", "metadata.name")]

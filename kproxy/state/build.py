@@ -23,6 +23,7 @@ from kproxy.state.model import (
     ServicePort,
     ServicePortName,
 )
+from kproxy.state.parse import gc_paused
 
 View = dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 
@@ -81,32 +82,31 @@ def merge_endpoints(
     Only ports with at least one endpoint appear, as in kube-proxy's endpoints map.
     """
     address_type = _ADDRESS_TYPE[family]
+    v6 = family == 6
     by_port: dict[ServicePortName, dict[str, Endpoint]] = {}
     for s in effective_slices(slices):
         if s.address_type != address_type or not s.endpoints:
             continue
+        eps = s.endpoints
         for p in s.ports:
             spn = ServicePortName(s.namespace, s.service_name, p.name, p.protocol)
             bucket = by_port.get(spn)
             if bucket is None:
                 bucket = by_port[spn] = {}
-            for e in s.endpoints:
-                ep = Endpoint(
-                    ip=e.address,
-                    port=p.port,
-                    ready=e.ready,
-                    serving=e.serving,
-                    terminating=e.terminating,
-                    is_local=bool(node_name) and e.node_name == node_name,
-                    zone=e.zone,
-                    zone_hints=e.zone_hints,
-                    node_name=e.node_name,
-                )
-                hp = ep.hostport
+            port = p.port
+            for e in eps:
+                ip = e.address
+                hp = (
+                    f"[{ip}]:{port}" if v6 else f"{ip}:{port}"
+                )  # Endpoint.hostport, without building it first
                 # Same ip:port twice (a pod IP reused before the old pod is gone, or an
                 # endpoint moving between slices): a live copy wins over a terminating one.
-                if not ep.terminating or hp not in bucket:
-                    bucket[hp] = ep
+                if e.terminating and hp in bucket:
+                    continue
+                local = e.node_name == node_name and bool(node_name)
+                bucket[hp] = Endpoint(
+                    ip, port, e.ready, e.serving, e.terminating, local, e.zone, e.zone_hints, e.node_name
+                )
     return {spn: tuple(bucket[hp] for hp in sorted(bucket)) for spn, bucket in by_port.items() if bucket}
 
 
@@ -147,13 +147,14 @@ class Snapshot:
 def view(snapshot: Snapshot, node_name: str, family: Family) -> View:
     """Every service port of one family with its endpoints (empty when none), sorted by ServicePortName."""
     out: View = {}
-    for key in sorted(snapshot.services):
-        ports = service_ports(snapshot.services[key], family)
-        if not ports:
-            continue
-        eps = merge_endpoints(snapshot.slices.get(key, ()), node_name, family)
-        for sp in ports:
-            out[sp.name] = (sp, eps.get(sp.name, ()))
+    with gc_paused():  # a full view is one batch of many small acyclic objects
+        for key in sorted(snapshot.services):
+            ports = service_ports(snapshot.services[key], family)
+            if not ports:
+                continue
+            eps = merge_endpoints(snapshot.slices.get(key, ()), node_name, family)
+            for sp in ports:
+                out[sp.name] = (sp, eps.get(sp.name, ()))
     return dict(sorted(out.items()))
 
 

@@ -172,9 +172,10 @@ def _each(items: Sequence[Any], field: str, fn: Callable[[Any, str], Any]) -> li
     return out
 
 
-def _cached_check(pattern: re.Pattern[str], max_len: int, what: str) -> Callable[[object, str], str]:
-    """A validator for one grammar, remembering good strings: names repeat across objects and resyncs."""
-    seen: dict[str, str] = {}
+def _cached_check(
+    pattern: re.Pattern[str], max_len: int, what: str, seen: dict[str, str]
+) -> Callable[[object, str], str]:
+    """A validator for one grammar, remembering good strings in `seen`: names repeat across objects and resyncs."""
 
     def check(v: object, field: str) -> str:
         if type(v) is str:
@@ -192,11 +193,12 @@ def _cached_check(pattern: re.Pattern[str], max_len: int, what: str) -> Callable
     return check
 
 
-_dns_label = _cached_check(DNS1123_LABEL, 63, "DNS-1123 label (lowercase letters, digits, '-')")
+_subdomains: dict[str, str] = {}
+_dns_label = _cached_check(DNS1123_LABEL, 63, "DNS-1123 label (lowercase letters, digits, '-')", {})
 _dns_subdomain = _cached_check(
-    DNS1123_SUBDOMAIN, 253, "DNS-1123 subdomain (lowercase letters, digits, '-', '.')"
+    DNS1123_SUBDOMAIN, 253, "DNS-1123 subdomain (lowercase letters, digits, '-', '.')", _subdomains
 )
-_label_value = _cached_check(LABEL_VALUE, 63, "label value (letters, digits, '-', '_', '.')")
+_label_value = _cached_check(LABEL_VALUE, 63, "label value (letters, digits, '-', '_', '.')", {})
 
 
 def _label_key(v: object, field: str) -> str:
@@ -616,23 +618,33 @@ def _slice_port(p_raw: object) -> SlicePort | None:
 
 
 def _slice_endpoint(e_raw: object, want_v6: bool) -> SliceEndpoint | None:
-    e = _map(e_raw, "")
-    addrs = _list(e.get("addresses"), "addresses")
+    # The hottest loop of a relist: well-formed input takes the inline fast paths (exact
+    # types, cache hits); anything else goes through the general readers and their errors.
+    e = e_raw if type(e_raw) is dict else _map(e_raw, "")
+    addrs = e.get("addresses")
+    if type(addrs) is not list:
+        addrs = _list(addrs, "addresses")
     if not addrs:
         return None
-    address = _ip(addrs[0], "addresses[0]")
+    a0 = addrs[0]
+    address = (_ip_cache.get(a0) if type(a0) is str else None) or _ip(a0, "addresses[0]")
     if (":" in address) != want_v6:
         _fail("addresses[0]", f"{address} does not match the slice's addressType")
     cond_raw = e.get("conditions")
     if cond_raw is None:
         ready, serving, terminating = True, True, False
     else:
-        cond = _map(cond_raw, "conditions")
+        cond = cond_raw if type(cond_raw) is dict else _map(cond_raw, "conditions")
         ready = _bool(cond.get("ready"), "conditions.ready", True)
         serving = _bool(cond.get("serving"), "conditions.serving", True)
         terminating = _bool(cond.get("terminating"), "conditions.terminating", False)
     node_raw = e.get("nodeName")
-    node_name = "" if node_raw is None or node_raw == "" else _dns_subdomain(node_raw, "nodeName")
+    if node_raw is None or node_raw == "":
+        node_name = ""
+    else:
+        node_name = (_subdomains.get(node_raw) if type(node_raw) is str else None) or _dns_subdomain(
+            node_raw, "nodeName"
+        )
     zone_raw = e.get("zone")
     zone = "" if zone_raw is None else _label_value(zone_raw, "zone")
     hints: frozenset[str] = _NO_HINTS
@@ -830,10 +842,10 @@ def parse_object(obj: Mapping[str, Any], source: str = "") -> Parsed | None:
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Batch parsing allocates many small objects while the (large) input is alive; the cyclic
     collector would keep rescanning that input and takes about 40% of the time. Nothing made
-    here forms cycles, so pause it for the batch and restore its previous state afterwards."""
+    here needs collecting while the batch runs, so pause it and restore its previous state."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -852,7 +864,7 @@ def parse_many(
     """
     out: list[Parsed] = []
     errors: list[ObjectError] = []
-    with _gc_paused():
+    with gc_paused():
         for item in objs:
             _collect_one(item, source, kind, "", out, errors)
     return out, errors
@@ -860,6 +872,7 @@ def parse_many(
 
 _DOC_MARK: Final = re.compile(r"^---(?=[ \t\r]|$)", re.M)
 _LEADING: Final = re.compile(r"(?:[ \t]*(?:#[^\n]*)?\r?\n)*")
+_DIRECTIVES_ONLY: Final = re.compile(r"(?:[ \t]*(?:[#%][^\n]*)?\r?\n?)*")
 _LOADER: Final[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -873,13 +886,23 @@ def _documents(text: str) -> Iterator[tuple[int, int, str]]:
     starts.extend(m.start() + 3 for m in _DOC_MARK.finditer(text))
     starts.append(len(text) + 3)
     line, counted = 1, 0
+    directives, directives_line = "", 0
     for a, b in itertools.pairwise(starts):
         line += text.count("\n", counted, a)
         counted = a
         chunk = text[a : b - 3]
-        if chunk.strip():
-            lead = _LEADING.match(chunk)
-            yield line, line + (chunk.count("\n", 0, lead.end()) if lead else 0), chunk
+        if not chunk.strip():
+            continue
+        if _DIRECTIVES_ONLY.fullmatch(chunk):
+            directives, directives_line = chunk + "---", line  # `%YAML 1.2` belongs to the next document
+            continue
+        lead = _LEADING.match(chunk)
+        first = line + (chunk.count("\n", 0, lead.end()) if lead else 0)
+        if directives:
+            yield directives_line, first, directives + chunk
+            directives = ""
+        else:
+            yield line, first, chunk
 
 
 def _json_values(text: str) -> list[Any] | None:
@@ -916,7 +939,7 @@ def parse_stream(text: str, source: str) -> tuple[list[Parsed], list[ObjectError
     Each object's source is `source:LINE` (the line its document starts on); items of a
     list get `items[N].` before the field.
     """
-    with _gc_paused():
+    with gc_paused():
         return _parse_stream(text, source)
 
 

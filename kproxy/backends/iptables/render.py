@@ -16,14 +16,12 @@ route_localnet sysctl).
 from __future__ import annotations
 
 import gc
-import hashlib
-import importlib
 import ipaddress
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
 
+from kproxy.backends.iptables.naming import hash16
 from kproxy.backends.iptables.ruleset import Chain, ChainKey, PortRules, Table, restore_payload
 from kproxy.config import RenderConfig
 from kproxy.state.model import Endpoint, ServicePort, ServicePortName
@@ -74,41 +72,6 @@ def _clean(text: str) -> str:
     return "".join(c if c in _SAFE else "_" for c in text)[:200]
 
 
-def _fastest_sha256() -> Callable[[bytes], Any]:
-    """CPython's own SHA-256 beats OpenSSL's on 40-byte inputs (less set-up per call)."""
-    for module in ("_sha2", "_sha256"):
-        try:
-            return importlib.import_module(module).sha256  # type: ignore[no-any-return]
-        except (ImportError, AttributeError):
-            continue
-    return hashlib.sha256
-
-
-_sha256 = _fastest_sha256()
-_from_bytes = int.from_bytes
-_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
-_B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)
-
-
-def hash16(text: str) -> str:
-    """naming's hash, several times faster: 16 base32 characters are exactly the first 10
-    digest bytes, encoded here 10 bits (two characters) at a time. Equality with naming is tested."""
-    n = _from_bytes(_sha256(text.encode()).digest()[:10], "big")
-    p = _B32_PAIRS
-    return "".join(
-        [
-            p[n >> 70],
-            p[(n >> 60) & 1023],
-            p[(n >> 50) & 1023],
-            p[(n >> 40) & 1023],
-            p[(n >> 30) & 1023],
-            p[(n >> 20) & 1023],
-            p[(n >> 10) & 1023],
-            p[n & 1023],
-        ]
-    )
-
-
 @lru_cache(maxsize=131072)
 def _sep(text: str) -> str:
     """SEP names outlive their port's render: when one endpoint of a service changes, the
@@ -141,184 +104,186 @@ def _in_any(ip: str, cidrs: tuple[str, ...]) -> bool:
     return False
 
 
+class _Port:
+    """What one render of one service port decides before writing a rule: kube-proxy's
+    per-service variables (hasEndpoints, internalTrafficChain, ...) under the same names."""
+
+    __slots__ = (
+        "cfg",
+        "dport",
+        "ext",
+        "ext_local",
+        "fw",
+        "has_any",
+        "has_external",
+        "has_internal",
+        "host",
+        "internal_chain",
+        "lb_ranges",
+        "local_cidr",
+        "name",
+        "pm",
+        "prefix",
+        "sel",
+        "sp",
+        "svc",
+        "svl",
+        "uses_fw",
+        "vip",
+    )
+
+    def __init__(self, sp: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderConfig) -> None:
+        self.sp = sp
+        self.cfg = cfg
+        self.sel = sel = categorize(sp, endpoints, cfg.node_zone)
+        v6 = cfg.family == 6
+        self.host = "/128" if v6 else "/32"
+        self.name = _clean(str(sp.name))
+        proto = sp.protocol.lower()
+        self.pm = f"-m {proto} -p {proto}"
+        self.vip = f"{sp.cluster_ip}{self.host}"
+        self.dport = f"--dport {sp.port}"
+        self.prefix = str(sp.name) + proto  # what chain-name hashes start with
+        port_hash = hash16(self.prefix)
+        self.svc = "KUBE-SVC-" + port_hash
+        self.svl = "KUBE-SVL-" + port_hash
+        self.ext = "KUBE-EXT-" + port_hash
+        self.fw = "KUBE-FW-" + port_hash
+        # kube-proxy's local-traffic detector takes one CIDR per family ("! -s A ! -s B" is no rule).
+        self.local_cidr = next((c for c in cfg.local_cidrs if (":" in c) == v6), "")
+        self.ext_local = external_local(sp)
+        self.has_any = sel.has_any
+        self.has_internal = sel.has_any and (not sp.internal_local or bool(sel.local))
+        self.has_external = sel.has_any and (not self.ext_local or bool(sel.local))
+        self.internal_chain = self.svl if sp.internal_local else self.svc
+        self.lb_ranges = tuple(c for c in sp.load_balancer_source_ranges if (":" in c) == v6)
+        self.uses_fw = sel.has_any and bool(sp.load_balancer_ips) and bool(self.lb_ranges)
+
+
 @lru_cache(maxsize=131072)
 def render_port(sp: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderConfig) -> PortRules:
     """Every rule one service port contributes. Cached: identical inputs return the same object."""
-    sel = categorize(sp, endpoints, cfg.node_zone)
-    v6 = cfg.family == 6
-    host = "/128" if v6 else "/32"
-    name = _clean(str(sp.name))
-    proto = sp.protocol.lower()
-    pm = f"-m {proto} -p {proto}"
-    hash_prefix = str(sp.name) + proto
-    port_hash = hash16(hash_prefix)
-    svc = "KUBE-SVC-" + port_hash
-    svl = "KUBE-SVL-" + port_hash
-    ext = "KUBE-EXT-" + port_hash
-    fw = "KUBE-FW-" + port_hash
-    # kube-proxy's local-traffic detector takes one CIDR per family ("! -s A ! -s B" is no rule).
-    local_cidr = next((c for c in cfg.local_cidrs if (":" in c) == v6), "")
+    p = _Port(sp, endpoints, cfg)
+    own: list[Chain] = []
+    if p.has_any and sp.has_external:
+        own.append(Chain("nat", p.ext, _ext_rules(p)))
+    if p.uses_fw:
+        own.append(Chain("nat", p.fw, _fw_rules(p)))
+    sel = p.sel
+    reach = sel.reachable
+    hps = [ep.hostport for ep in reach]
+    seps = [_sep(p.prefix + hp) for hp in hps]
+    if sel.cluster and uses_cluster(sp):
+        rules = _spread(p, p.svc, *_pick(sel.cluster, reach, hps, seps))
+        own.append(Chain("nat", p.svc, (*_masquerade(p, p.svc), *rules)))
+    if sel.local and uses_local(sp):
+        rules = _spread(p, p.svl, *_pick(sel.local, reach, hps, seps))
+        own.append(Chain("nat", p.svl, (*_masquerade(p, p.svl), *rules)))
+    own.extend(_endpoint_chains(p, reach, hps, seps))
+    return PortRules(tuple(own), _capture(p))
 
-    int_local = sp.internal_local
-    ext_local = external_local(sp)
-    has_any = sel.has_any
-    has_internal = has_any and (not int_local or bool(sel.local))
-    has_external = has_any and (not ext_local or bool(sel.local))
-    internal_chain = svl if int_local else svc
-    lb_ranges = tuple(c for c in sp.load_balancer_source_ranges if (":" in c) == v6)
-    uses_fw = has_any and bool(sp.load_balancer_ips) and bool(lb_ranges)
-    lb_chain = fw if uses_fw else ext
 
-    if not has_any:
-        int_target = ext_target = _reject(cfg.family)
-        int_comment = ext_comment = f'"{name} has no endpoints"'
+def _capture(p: _Port) -> tuple[Chain, ...]:
+    """Rules in the top-level chains: nat sends each VIP to the port's chains; filter rejects
+    (no endpoints anywhere) or drops (none local under Local policy) what nat cannot serve."""
+    sp, name, pm, host, dport = p.sp, p.name, p.pm, p.host, p.dport
+    if not p.has_any:
+        target = _reject(p.cfg.family)
+        comment = f'"{name} has no endpoints"'
     else:
-        int_target = ext_target = "DROP"
-        int_comment = ext_comment = f'"{name} has no local endpoints"'
-
-    nat_services: list[str] = []
-    nat_nodeports: list[str] = []
+        target = "DROP"
+        comment = f'"{name} has no local endpoints"'
+    nat: list[str] = []
+    nodeports: list[str] = []
     f_services: list[str] = []
     f_external: list[str] = []
     f_firewall: list[str] = []
     f_nodeports: list[str] = []
-    dport = f"--dport {sp.port}"
-    vip = f"{sp.cluster_ip}{host}"
-    cluster_ip_args = f'-m comment --comment "{name} cluster IP" {pm} -d {vip} {dport}'
 
-    if has_internal:
-        nat_services.append(f"-A {SERVICES} {cluster_ip_args} -j {internal_chain}")
-    else:
-        f_services.append(
-            f"-A {SERVICES} -m comment --comment {int_comment} {pm} -d {vip} {dport} -j {int_target}"
+    if p.has_internal:
+        nat.append(
+            f'-A {SERVICES} -m comment --comment "{name} cluster IP" {pm} -d {p.vip} {dport} -j {p.internal_chain}'
         )
-    for eip in sp.external_ips:
-        if has_any:
-            nat_services.append(
-                f'-A {SERVICES} -m comment --comment "{name} external IP" {pm} -d {eip}{host} {dport} -j {ext}'
+    else:
+        f_services.append(f"-A {SERVICES} -m comment --comment {comment} {pm} -d {p.vip} {dport} -j {target}")
+    for ip in sp.external_ips:
+        if p.has_any:
+            nat.append(
+                f'-A {SERVICES} -m comment --comment "{name} external IP" {pm} -d {ip}{host} {dport} -j {p.ext}'
             )
-        if not has_external:
+        if not p.has_external:
             f_external.append(
-                f"-A {EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pm} -d {eip}{host} {dport} -j {ext_target}"
+                f"-A {EXTERNAL_SERVICES} -m comment --comment {comment} {pm} -d {ip}{host} {dport} -j {target}"
             )
-    for lbip in sp.load_balancer_ips:
-        if has_any:
-            nat_services.append(
-                f'-A {SERVICES} -m comment --comment "{name} loadbalancer IP" {pm} -d {lbip}{host} {dport} -j {lb_chain}'
+    lb_chain = p.fw if p.uses_fw else p.ext
+    for ip in sp.load_balancer_ips:
+        if p.has_any:
+            nat.append(
+                f'-A {SERVICES} -m comment --comment "{name} loadbalancer IP" {pm} -d {ip}{host} {dport} -j {lb_chain}'
             )
-        if uses_fw:
+        if p.uses_fw:
             f_firewall.append(
-                f'-A {PROXY_FIREWALL} -m comment --comment "{name} traffic not accepted by {fw}" '
-                f"{pm} -d {lbip}{host} {dport} -j DROP"
+                f'-A {PROXY_FIREWALL} -m comment --comment "{name} traffic not accepted by {p.fw}" '
+                f"{pm} -d {ip}{host} {dport} -j DROP"
             )
-    if not has_external:
-        for lbip in sp.load_balancer_ips:
+    if not p.has_external:
+        for ip in sp.load_balancer_ips:
             f_external.append(
-                f"-A {EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pm} -d {lbip}{host} {dport} -j {ext_target}"
+                f"-A {EXTERNAL_SERVICES} -m comment --comment {comment} {pm} -d {ip}{host} {dport} -j {target}"
             )
     if sp.node_port:
-        if has_any:
-            nat_nodeports.append(
-                f"-A {NODEPORTS} -m comment --comment {name} {pm} --dport {sp.node_port} -j {ext}"
+        if p.has_any:
+            nodeports.append(
+                f"-A {NODEPORTS} -m comment --comment {name} {pm} --dport {sp.node_port} -j {p.ext}"
             )
-        if not has_external:
+        if not p.has_external:
             f_external.append(
-                f"-A {EXTERNAL_SERVICES} -m comment --comment {ext_comment} -m addrtype --dst-type LOCAL "
-                f"{pm} --dport {sp.node_port} -j {ext_target}"
+                f"-A {EXTERNAL_SERVICES} -m comment --comment {comment} -m addrtype --dst-type LOCAL "
+                f"{pm} --dport {sp.node_port} -j {target}"
             )
     if sp.health_check_node_port:
         f_nodeports.append(
             f'-A {NODEPORTS} -m comment --comment "{name} health check node port" '
             f"-m tcp -p tcp --dport {sp.health_check_node_port} -j ACCEPT"
         )
-
-    own: list[Chain] = []
-    internal_head: list[str] = []
-    if has_internal:
-        if cfg.masquerade_all:
-            internal_head.append(f"-A {internal_chain} {cluster_ip_args} -j {MARK_MASQ}")
-        elif local_cidr:
-            internal_head.append(f"-A {internal_chain} {cluster_ip_args} ! -s {local_cidr} -j {MARK_MASQ}")
-
-    if has_any and sp.has_external:
-        own.append(Chain("nat", ext, _ext_rules(ext, svc, svl, name, local_cidr, ext_local, has_external)))
-    if uses_fw:
-        allow_node = _in_any(cfg.node_ip, lb_ranges)
-        own.append(
-            Chain(
-                "nat",
-                fw,
-                _fw_rules(fw, ext, name, lb_ranges, sp.load_balancer_ips if allow_node else (), host),
-            )
-        )
-
-    reach = sel.reachable
-    hps = [ep.hostport for ep in reach]
-    seps = [_sep(hash_prefix + hp) for hp in hps]
-    affinity = sp.affinity_timeout
-    if sel.cluster and uses_cluster(sp):
-        head = internal_head if internal_chain == svc else []
-        own.append(
-            Chain(
-                "nat",
-                svc,
-                (*head, *_spread(svc, *_pick(sel.cluster, reach, hps, seps), name, affinity, cfg.comments)),
-            )
-        )
-    if sel.local and uses_local(sp):
-        head = internal_head if internal_chain == svl else []
-        own.append(
-            Chain(
-                "nat",
-                svl,
-                (*head, *_spread(svl, *_pick(sel.local, reach, hps, seps), name, affinity, cfg.comments)),
-            )
-        )
-
-    comment = f" -m comment --comment {name}" if cfg.comments else ""
-    dnat = f" {pm} -j DNAT --to-destination "
-    for ep, hp, sep in zip(reach, hps, seps, strict=True):
-        sticky = f" -m recent --name {sep} --set" if affinity else ""
-        own.append(
-            Chain(
-                "nat",
-                sep,
-                (
-                    f"-A {sep}{comment} -s {ep.ip}{host} -j {MARK_MASQ}",
-                    f"-A {sep}{comment}{sticky}{dnat}{hp}",
-                ),
-            )
-        )
-
-    shared: list[Chain] = []
-    for (table, chain), rules in (
-        (NAT_SERVICES, nat_services),
-        (NAT_NODEPORTS, nat_nodeports),
+    pieces = (
+        (NAT_SERVICES, nat),
+        (NAT_NODEPORTS, nodeports),
         (FILTER_SERVICES, f_services),
         (FILTER_EXTERNAL, f_external),
         (FILTER_FIREWALL, f_firewall),
         (FILTER_NODEPORTS, f_nodeports),
-    ):
-        if rules:
-            shared.append(Chain(table, chain, tuple(rules)))
-    return PortRules(tuple(own), tuple(shared))
+    )
+    return tuple(Chain(table, chain, tuple(rules)) for (table, chain), rules in pieces if rules)
 
 
-def _ext_rules(
-    ext: str, svc: str, svl: str, name: str, local_cidr: str, ext_local: bool, has_external: bool
-) -> tuple[str, ...]:
+def _masquerade(p: _Port, chain: str) -> tuple[str, ...]:
+    """First rule of the chain cluster IP traffic enters: mark what does not come from a pod
+    (or everything, with masquerade-all), so replies from another node come back through this one."""
+    if chain != p.internal_chain or not p.has_internal:
+        return ()
+    args = f'-m comment --comment "{p.name} cluster IP" {p.pm} -d {p.vip} {p.dport}'
+    if p.cfg.masquerade_all:
+        return (f"-A {chain} {args} -j {MARK_MASQ}",)
+    if p.local_cidr:
+        return (f"-A {chain} {args} ! -s {p.local_cidr} -j {MARK_MASQ}",)
+    return ()
+
+
+def _ext_rules(p: _Port) -> tuple[str, ...]:
     """KUBE-EXT: the entry for node ports, external IPs and LB IPs. Under Local policy, pod
     and node traffic short-circuits to the Cluster chain (as if it had gone out to the
     load balancer and come back); the rest keeps its source and goes to local endpoints."""
+    ext, svc, name = p.ext, p.svc, p.name
     rules: list[str] = []
-    if not ext_local:
+    if not p.ext_local:
         rules.append(
             f'-A {ext} -m comment --comment "masquerade traffic for {name} external destinations" -j {MARK_MASQ}'
         )
     else:
-        if local_cidr:
+        if p.local_cidr:
             rules.append(
-                f'-A {ext} -m comment --comment "pod traffic for {name} external destinations" -s {local_cidr} -j {svc}'
+                f'-A {ext} -m comment --comment "pod traffic for {name} external destinations" -s {p.local_cidr} -j {svc}'
             )
         rules.append(
             f'-A {ext} -m comment --comment "masquerade LOCAL traffic for {name} external destinations" '
@@ -328,23 +293,37 @@ def _ext_rules(
             f'-A {ext} -m comment --comment "route LOCAL traffic for {name} external destinations" '
             f"-m addrtype --src-type LOCAL -j {svc}"
         )
-    if has_external:
-        rules.append(f"-A {ext} -j {svl if ext_local else svc}")
+    if p.has_external:
+        rules.append(f"-A {ext} -j {p.svl if p.ext_local else svc}")
     return tuple(rules)
 
 
-def _fw_rules(
-    fw: str, ext: str, name: str, ranges: tuple[str, ...], node_lb_ips: tuple[str, ...], host: str
-) -> tuple[str, ...]:
+def _fw_rules(p: _Port) -> tuple[str, ...]:
     """KUBE-FW: admitted sources go on to KUBE-EXT; whatever falls off the end is dropped by
-    filter KUBE-PROXY-FIREWALL (DROP is not allowed in the nat table)."""
-    head = f'-A {fw} -m comment --comment "{name} loadbalancer IP"'
-    rules = [f"{head} -s {cidr} -j {ext}" for cidr in ranges]
-    rules.extend(f"{head} -s {ip}{host} -j {ext}" for ip in node_lb_ips)
+    filter KUBE-PROXY-FIREWALL (DROP is not allowed in the nat table). When the ranges admit
+    the node itself, so does the LB IP: a node reaching a VIP-style LB loops back with it as source."""
+    head = f'-A {p.fw} -m comment --comment "{p.name} loadbalancer IP"'
+    rules = [f"{head} -s {cidr} -j {p.ext}" for cidr in p.lb_ranges]
+    if _in_any(p.cfg.node_ip, p.lb_ranges):
+        rules.extend(f"{head} -s {ip}{p.host} -j {p.ext}" for ip in p.sp.load_balancer_ips)
     rules.append(
-        f'-A {fw} -m comment --comment "other traffic to {name} will be dropped by {PROXY_FIREWALL}"'
+        f'-A {p.fw} -m comment --comment "other traffic to {p.name} will be dropped by {PROXY_FIREWALL}"'
     )
     return tuple(rules)
+
+
+def _endpoint_chains(p: _Port, reach: tuple[Endpoint, ...], hps: list[str], seps: list[str]) -> list[Chain]:
+    """KUBE-SEP: mark hairpin traffic (an endpoint reaching itself through the service), then DNAT;
+    under affinity, remember the client for the KUBE-SVC `--rcheck` rules."""
+    comment = f" -m comment --comment {p.name}" if p.cfg.comments else ""
+    dnat = f" {p.pm} -j DNAT --to-destination "
+    host = p.host
+    out = []
+    for ep, hp, sep in zip(reach, hps, seps, strict=True):
+        sticky = f" -m recent --name {sep} --set" if p.sp.affinity_timeout else ""
+        rules = (f"-A {sep}{comment} -s {ep.ip}{host} -j {MARK_MASQ}", f"-A {sep}{comment}{sticky}{dnat}{hp}")
+        out.append(Chain("nat", sep, rules))
+    return out
 
 
 def _pick(
@@ -359,13 +338,13 @@ def _pick(
     return [hps[i] for i in idx], [seps[i] for i in idx]
 
 
-def _spread(
-    chain: str, hps: list[str], seps: list[str], name: str, affinity: int, comments: bool
-) -> list[str]:
+def _spread(p: _Port, chain: str, hps: list[str], seps: list[str]) -> list[str]:
     """Affinity checks first (a known client goes back to its endpoint), then endpoint i of n
     taken with probability 1/(n-i), which spreads new connections evenly."""
     rules: list[str] = []
-    pre = f'-A {chain} -m comment --comment "{name} -> ' if comments else ""
+    comments = p.cfg.comments
+    pre = f'-A {chain} -m comment --comment "{p.name} -> ' if comments else ""
+    affinity = p.sp.affinity_timeout
     if affinity:
         for hp, sep in zip(hps, seps, strict=True):
             head = f'{pre}{hp}"' if comments else f"-A {chain}"

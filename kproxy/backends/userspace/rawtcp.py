@@ -15,6 +15,7 @@ reading from the source stops and the destination is watched for writability.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -35,7 +36,12 @@ _LINGER0: Final = struct.pack("ii", 1, 0)
 _SPLICE_CHUNK: Final = 1 << 20
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _SHUT_WR: Final = socket.SHUT_WR
+_SOCK_STREAM: Final = socket.SOCK_STREAM
 _IN_PROGRESS: Final = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
+_TICK: Final = 0.05
+"""Granularity of dial timeouts: one timer per service while dials are pending, not one per connection."""
+Sock = _socket.socket
+"""The C socket type: no Python-level __init__/close per connection, as `socket.socket` has."""
 
 
 def splice_available() -> bool:
@@ -46,7 +52,9 @@ class RawTcpService:
     """The listener of one TCP/SCTP service port and its open connections."""
 
     __slots__ = (
+        "_tick",
         "balancer",
+        "connecting",
         "conns",
         "dial_timeouts",
         "family",
@@ -80,6 +88,8 @@ class RawTcpService:
         self.splice = splice and splice_available()
         self.nodelay = proto_number == 0
         self.conns: set[_Conn] = set()
+        self.connecting: dict[_Conn, float] = {}
+        self._tick: asyncio.TimerHandle | None = None
         self.lsock: socket.socket | None = None
         self.lfd = -1
         self.family = socket.AF_INET
@@ -112,6 +122,23 @@ class RawTcpService:
     def abort_all(self) -> None:
         for c in list(self.conns):
             c.abort()
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+
+    def watch_dial(self, conn: _Conn, timeout: float) -> None:
+        self.connecting[conn] = self.loop.time() + timeout
+        if self._tick is None:
+            self._tick = self.loop.call_later(_TICK, self._expire_dials)
+
+    def _expire_dials(self) -> None:
+        self._tick = None
+        now = self.loop.time()
+        late = [c for c, deadline in self.connecting.items() if deadline <= now]
+        for c in late:
+            c.connect_timeout()
+        if self.connecting:
+            self._tick = self.loop.call_later(_TICK, self._expire_dials)
 
     def _on_accept(self) -> None:
         lsock = self.lsock
@@ -128,7 +155,7 @@ class RawTcpService:
                 # EMFILE/ENFILE: the kernel queue keeps the connection; try again on the next wakeup.
                 log.warn("userspace_accept_failed", service=self.name, error=repr(e))
                 return
-            c = socket.socket(family, socket.SOCK_STREAM, proto, fd)
+            c = Sock(family, _SOCK_STREAM, proto, fd)
             if gate.open >= gate.limit:
                 _reset(c)
                 gate.refuse(self.name)
@@ -140,18 +167,32 @@ class RawTcpService:
             conn.dial()
 
 
-def _reset(s: socket.socket) -> None:
+def _reset(s: Sock) -> None:
     with contextlib.suppress(OSError):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
     s.close()
 
 
 class _Half:
-    """One direction of a connection: read from `src`, write to `dst`."""
+    """One direction of a connection: read from `src`, write to `dst`. Tracks what it has
+    registered with the loop so that ending a connection makes no needless loop calls."""
 
-    __slots__ = ("conn", "dfd", "done", "dst", "eof", "loop", "peer", "pending", "sfd", "src")
+    __slots__ = (
+        "conn",
+        "dfd",
+        "done",
+        "dst",
+        "eof",
+        "loop",
+        "peer",
+        "pending",
+        "reading",
+        "sfd",
+        "src",
+        "writing",
+    )
 
-    def __init__(self, conn: _Conn, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, conn: _Conn, src: Sock, dst: Sock) -> None:
         self.conn = conn
         self.loop = conn.svc.loop
         self.src = src
@@ -161,10 +202,13 @@ class _Half:
         self.pending: bytes | None = None
         self.eof = False
         self.done = False
+        self.reading = False
+        self.writing = False
         self.peer: _Half | None = None
 
     def start(self) -> None:
         self.loop.add_reader(self.sfd, self.readable)
+        self.reading = True
 
     def readable(self) -> None:
         try:
@@ -186,13 +230,18 @@ class _Half:
             return
         if sent != n:
             self.pending = _VIEW[sent:n].tobytes()
-            self.loop.remove_reader(self.sfd)
-            self.loop.add_writer(self.dfd, self.writable)
+            self.wait_writable()
+
+    def wait_writable(self) -> None:
+        self.loop.remove_reader(self.sfd)
+        self.reading = False
+        self.loop.add_writer(self.dfd, self.writable)
+        self.writing = True
 
     def writable(self) -> None:
         pending = self.pending
         if pending is None:
-            self.loop.remove_writer(self.dfd)
+            self.flushed()
             return
         try:
             sent = self.dst.send(pending)
@@ -205,30 +254,45 @@ class _Half:
             self.pending = pending[sent:]
             return
         self.pending = None
+        self.flushed()
+
+    def flushed(self) -> None:
         self.loop.remove_writer(self.dfd)
+        self.writing = False
         if self.eof:
             self.shut()
         else:
             self.loop.add_reader(self.sfd, self.readable)
+            self.reading = True
 
     def on_eof(self) -> None:
         self.eof = True
-        self.loop.remove_reader(self.sfd)
         if self.pending is None:
             self.shut()
+        else:
+            self.loop.remove_reader(self.sfd)
+            self.reading = False
 
     def shut(self) -> None:
         """Pass the half-close on; once both directions are done the connection ends."""
         self.done = True
+        peer = self.peer
+        if peer is not None and peer.done:
+            self.conn.close()  # closing sends the FIN: no separate shutdown needed
+            return
+        if self.reading:
+            self.loop.remove_reader(self.sfd)
+            self.reading = False
         with contextlib.suppress(OSError):
             self.dst.shutdown(_SHUT_WR)
-        if self.peer is not None and self.peer.done:
-            self.conn.close()
 
     def stop(self) -> None:
-        loop = self.loop
-        loop.remove_reader(self.sfd)
-        loop.remove_writer(self.dfd)
+        if self.reading:
+            self.loop.remove_reader(self.sfd)
+            self.reading = False
+        if self.writing:
+            self.loop.remove_writer(self.dfd)
+            self.writing = False
 
 
 class _SpliceHalf(_Half):
@@ -236,7 +300,7 @@ class _SpliceHalf(_Half):
 
     __slots__ = ("in_pipe", "pr", "pw")
 
-    def __init__(self, conn: _Conn, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, conn: _Conn, src: Sock, dst: Sock) -> None:
         super().__init__(conn, src, dst)
         self.pr, self.pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.in_pipe = 0
@@ -253,17 +317,16 @@ class _SpliceHalf(_Half):
             self.on_eof()
             return
         self.in_pipe += n
-        self._drain()
+        if not self._drain():
+            self.pending = b""
+            self.wait_writable()
 
     def _drain(self) -> bool:
-        """Move what the pipe holds to the socket; False (and wait for writable) if it would block."""
+        """Move what the pipe holds to the socket; False if the socket would block."""
         while self.in_pipe:
             try:
                 n = os.splice(self.pr, self.dfd, self.in_pipe, flags=_SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
-                self.loop.remove_reader(self.sfd)
-                self.loop.add_writer(self.dfd, self.writable)
-                self.pending = b""
                 return False
             except OSError:
                 self.conn.abort()
@@ -274,34 +337,31 @@ class _SpliceHalf(_Half):
     def writable(self) -> None:
         if self._drain():
             self.pending = None
-            self.loop.remove_writer(self.dfd)
-            if self.eof:
-                self.shut()
-            else:
-                self.loop.add_reader(self.sfd, self.readable)
+            self.flushed()
 
     def stop(self) -> None:
         super().stop()
-        os.close(self.pr)
-        os.close(self.pw)
+        if self.pr >= 0:
+            os.close(self.pr)
+            os.close(self.pw)
+            self.pr = self.pw = -1
 
 
 class _Conn:
     """One proxied connection: the accepted socket, the dial, then two `_Half`s."""
 
-    __slots__ = ("attempt", "c", "c2u", "client_ip", "closed", "svc", "target", "timer", "tried", "u", "u2c")
+    __slots__ = ("attempt", "c", "c2u", "client_ip", "closed", "svc", "target", "tried", "u", "u2c")
 
-    def __init__(self, svc: RawTcpService, c: socket.socket, client_ip: str) -> None:
+    def __init__(self, svc: RawTcpService, c: Sock, client_ip: str) -> None:
         self.svc = svc
         self.c = c
         self.client_ip = client_ip
-        self.u: socket.socket | None = None
+        self.u: Sock | None = None
         self.c2u: _Half | None = None
         self.u2c: _Half | None = None
         self.target: Target | None = None
         self.tried: list[Target] = []
         self.attempt = 0
-        self.timer: asyncio.TimerHandle | None = None
         self.closed = False
 
     # -- dialing
@@ -326,7 +386,7 @@ class _Conn:
             self.attempt += 1
             family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
             try:
-                u = socket.socket(family, socket.SOCK_STREAM, svc.proto_number)
+                u = Sock(family, _SOCK_STREAM, svc.proto_number)
             except OSError as e:
                 log.error("userspace_socket_failed", service=svc.name, error=repr(e))
                 self._give_up()
@@ -341,28 +401,27 @@ class _Conn:
                 return
             if err in _IN_PROGRESS:
                 svc.loop.add_writer(u.fileno(), self._connect_done)
-                self.timer = svc.loop.call_later(timeout, self._connect_timeout)
+                svc.watch_dial(self, timeout)
                 return
             self._failed(os.strerror(err))
 
     def _connect_done(self) -> None:
         u = self.u
         assert u is not None
-        self.svc.loop.remove_writer(u.fileno())
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.svc.connecting.pop(self, None)
         err = u.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
+            self.svc.loop.remove_writer(u.fileno())
             self._failed(os.strerror(err))
             self.dial()
         else:
             self._connected()
+            self.svc.loop.remove_writer(u.fileno())  # after add_reader: the fd keeps its poll handle
 
-    def _connect_timeout(self) -> None:
-        self.timer = None
+    def connect_timeout(self) -> None:
+        self.svc.connecting.pop(self, None)
         u = self.u
-        if u is None:
+        if u is None or self.closed:
             return
         self.svc.loop.remove_writer(u.fileno())
         self._failed("timeout")
@@ -428,23 +487,21 @@ class _Conn:
             return
         self.closed = True
         svc = self.svc
-        loop = svc.loop
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        for h in (self.c2u, self.u2c):
-            if h is not None:
-                h.stop()
+        c2u, u2c = self.c2u, self.u2c
+        if c2u is not None and u2c is not None:
+            c2u.stop()
+            u2c.stop()
         u = self.u
         if u is not None:
-            if self.c2u is None:
-                loop.remove_writer(u.fileno())  # still connecting
+            if c2u is None:  # still connecting
+                svc.connecting.pop(self, None)
+                svc.loop.remove_writer(u.fileno())
+            elif self.target is not None:
+                svc.balancer.release(self.target)
             if reset:
                 _reset(u)
             else:
                 u.close()
-            if self.c2u is not None and self.target is not None:
-                svc.balancer.release(self.target)
         if reset:
             _reset(self.c)
         else:

@@ -1,0 +1,417 @@
+"""The rule-diffing sync engine: the kernel gets only what changed since the last sync.
+
+The engine remembers, per service port, the inputs and `PortRules` it last applied, and
+per chain the rules in the kernel. A partial sync re-renders only the ports it is told
+changed (`render_port` is cached, so an unchanged port costs a dict lookup), compares
+their chains with what is applied, and writes one `--noflush` payload holding just the
+chains that differ, the chains that are new, and flush + `-X` for chains no longer
+wanted. Top-level chains (nat KUBE-SERVICES ...) are the ports' shared lines in port
+order; they are rebuilt only when some port's shared lines changed, from an ordered
+index, so a one-endpoint change costs the same at 100 services as at 10,000.
+
+A full sync rewrites every chain of ours, deletes stale ones found in the kernel (a node
+taken over from kube-proxy is cleaned) and ensures the jumps from the built-in chains.
+It happens at start, after any failed restore, when the canary chain vanished (someone
+flushed the tables), every `full_sync_interval_s`, and when asked (`changed=None`).
+
+A failed restore changes nothing in the kernel for the failing table and loses nothing:
+the changed names stay pending, and the next sync is full, computed from the view.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import chain as concat
+from typing import NamedTuple
+
+from kproxy import log
+from kproxy.backends.iptables.naming import OWNED_PREFIXES
+from kproxy.backends.iptables.render import CANARY, assemble, builtin_jumps, gc_paused, render_port
+from kproxy.backends.iptables.restore import Restorer
+from kproxy.backends.iptables.ruleset import TABLES, ChainKey, PortRules, restore_payload
+from kproxy.config import RenderConfig
+from kproxy.errors import RestoreError
+from kproxy.state.model import Endpoint, ServicePort, ServicePortName
+
+View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
+Rules = tuple[str, ...]
+CANARY_KEY: ChainKey = ("nat", CANARY)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    full: bool
+    reason: str
+    """Why the sync was full ("start", "failure", "canary", "periodic", "requested"); "" if partial."""
+    chains_written: int
+    chains_deleted: int
+    payload_bytes: int
+    restores: int
+    """iptables-restore calls made (0: nothing changed, nothing written)."""
+    render_s: float
+    diff_s: float
+    restore_s: float
+    check_s: float = 0.0
+    """Reading the kernel: the canary check, and the chain list on a full sync."""
+    jumps_inserted: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.render_s + self.diff_s + self.restore_s + self.check_s
+
+
+class _Port(NamedTuple):
+    sp: ServicePort
+    eps: tuple[Endpoint, ...]
+    rules: PortRules
+
+
+class _Plan:
+    """What one sync writes: per-port groups of chains (a port's SVC and its SEPs travel
+    together, so a split payload never jumps to a chain not yet written), top-level
+    chains, and chains to delete."""
+
+    __slots__ = ("create", "deleted", "groups", "top")
+
+    def __init__(self) -> None:
+        self.groups: list[dict[ChainKey, Rules]] = []
+        self.top: dict[ChainKey, Rules] = {}
+        self.deleted: list[ChainKey] = []
+        self.create: list[ChainKey] = []
+        """Top-level chains not yet in the kernel (KUBE-MARK-MASQ...), which per-port
+        chains jump to: a split payload creates them, empty, before anything else."""
+
+    @property
+    def written(self) -> int:
+        return sum(map(len, self.groups)) + len(self.top)
+
+    def empty(self) -> bool:
+        return not self.top and not self.deleted and not any(self.groups)
+
+
+class SyncEngine:
+    """One address family's rules: what is applied, and how to get the kernel to the next view."""
+
+    def __init__(
+        self,
+        cfg: RenderConfig,
+        restorer: Restorer,
+        *,
+        full_sync_interval_s: float = 3600.0,
+        canary_interval_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.family = cfg.family
+        self.restorer = restorer
+        self.full_sync_interval_s = full_sync_interval_s
+        self.canary_interval_s = canary_interval_s
+        self._clock = clock
+        self._fixed: dict[ChainKey, Rules] = assemble((), cfg)
+        """Top-level chains as they are with no ports: their keys, in order, and tail rules."""
+        self._ports: dict[ServicePortName, _Port] = {}
+        self._applied: dict[ChainKey, Rules] = {}
+        self._shared: dict[ChainKey, dict[ServicePortName, Rules]] = {}
+        self._order: dict[ChainKey, list[ServicePortName]] = {}
+        self._full_reason = "start"
+        self._last_full = -math.inf
+        self._last_canary = -math.inf
+        self._pending: set[ServicePortName] = set()
+
+    # ---------------------------------------------------------------- public
+
+    @property
+    def pending(self) -> frozenset[ServicePortName]:
+        """Changes not yet in the kernel because a restore failed (the next sync writes them)."""
+        return frozenset(self._pending)
+
+    @property
+    def applied(self) -> Mapping[ChainKey, Rules]:
+        """Every chain of ours as the last successful sync left it."""
+        return self._applied
+
+    def force_full(self, reason: str = "requested") -> None:
+        self._full_reason = self._full_reason or reason
+
+    def set_config(self, cfg: RenderConfig) -> None:
+        """A new config changes every rendered rule: the next sync is full."""
+        if cfg == self.cfg:
+            return
+        if cfg.family != self.family:
+            raise ValueError(f"engine for IPv{self.family} given an IPv{cfg.family} config")
+        self.cfg = cfg
+        self._fixed = assemble((), cfg)
+        self.force_full("config")
+
+    def sync(self, view: View, changed: Collection[ServicePortName] | None) -> SyncResult:
+        """Bring the kernel to `view`. `changed` names every service port whose entry differs
+        from the previous call's view (added, removed or modified); None asks for a full sync."""
+        check_s = 0.0
+        reason = self._full_reason
+        now = self._clock()
+        if not reason and changed is None:
+            reason = "requested"
+        if not reason and now - self._last_full >= self.full_sync_interval_s:
+            reason = "periodic"
+        if not reason and now - self._last_canary >= self.canary_interval_s:
+            t = time.perf_counter()
+            present = self.restorer.has_chain(self.family, CANARY_KEY[0], CANARY_KEY[1])
+            check_s = time.perf_counter() - t
+            self._last_canary = now
+            if not present:
+                log.warn("iptables_canary_missing", family=self.family, chain=CANARY)
+                reason = "canary"
+        try:
+            if reason:
+                result = self._full(view, reason, check_s)
+            else:
+                assert changed is not None
+                result = self._partial(view, changed, check_s)
+        except RestoreError as exc:
+            self._full_reason = "failure"
+            if changed is not None:
+                self._pending.update(changed)
+            log.error(
+                "iptables_restore_failed",
+                family=self.family,
+                line=exc.line,
+                pending=len(self._pending),
+                error=str(exc),
+            )
+            raise
+        self._pending.clear()
+        return result
+
+    # --------------------------------------------------------------- partial
+
+    def _partial(self, view: View, changed: Collection[ServicePortName], check_s: float) -> SyncResult:
+        t0 = time.perf_counter()
+        names = set(changed) | self._pending
+        fresh: dict[ServicePortName, PortRules] = {}
+        render_s = 0.0
+        for name in names:
+            entry = view.get(name)
+            old = self._ports.get(name)
+            if entry is None or (old is not None and old.sp == entry[0] and old.eps == entry[1]):
+                continue
+            fresh[name] = render_port(entry[0], entry[1], self.cfg)
+        render_s = time.perf_counter() - t0
+        added = sum(1 for n in fresh if n not in self._ports)
+        removed = sum(1 for n in names if n in self._ports and n not in view)
+        if len(self._ports) + added - removed != len(view):
+            # The caller missed a port: compare everything rather than write a wrong ruleset.
+            log.warn(
+                "sync_changed_set_incomplete", family=self.family, ports=len(view), known=len(self._ports)
+            )
+            names = set(view) | set(self._ports)
+            t = time.perf_counter()
+            fresh = {
+                n: render_port(view[n][0], view[n][1], self.cfg)
+                for n in names
+                if n in view and not (n in self._ports and self._ports[n][:2] == view[n])
+            }
+            render_s += time.perf_counter() - t
+        t1 = time.perf_counter()
+        plan = _Plan()
+        dirty: set[ChainKey] = set()
+        applied = self._applied
+        for name in names:
+            old = self._ports.get(name)
+            if name not in view:
+                if old is None:
+                    continue
+                del self._ports[name]
+                plan.deleted.extend((c.table, c.name) for c in old.rules.own)
+                for c in old.rules.shared:
+                    self._unshare(name, (c.table, c.name))
+                    dirty.add((c.table, c.name))
+                continue
+            pr = fresh.get(name)
+            if pr is None:
+                continue
+            sp, eps = view[name]
+            self._ports[name] = _Port(sp, eps, pr)
+            if old is not None and old.rules is pr:
+                continue
+            group = {(c.table, c.name): c.rules for c in pr.own if applied.get((c.table, c.name)) != c.rules}
+            if group:
+                plan.groups.append(group)
+            if old is not None:
+                keep = {(c.table, c.name) for c in pr.own}
+                plan.deleted.extend((c.table, c.name) for c in old.rules.own if (c.table, c.name) not in keep)
+                if old.rules.shared == pr.shared:
+                    continue
+                for c in old.rules.shared:
+                    self._unshare(name, (c.table, c.name))
+                    dirty.add((c.table, c.name))
+            for c in pr.shared:
+                self._share(name, (c.table, c.name), c.rules)
+                dirty.add((c.table, c.name))
+        for key in dirty:
+            rules = self._top(key)
+            if applied.get(key) != rules:
+                plan.top[key] = rules
+        diff_s = time.perf_counter() - t1
+        restores, size, restore_s = self._write(plan)
+        for group in plan.groups:
+            applied.update(group)
+        applied.update(plan.top)
+        for key in plan.deleted:
+            applied.pop(key, None)
+        return SyncResult(
+            full=False,
+            reason="",
+            chains_written=plan.written,
+            chains_deleted=len(plan.deleted),
+            payload_bytes=size,
+            restores=restores,
+            render_s=render_s,
+            diff_s=diff_s,
+            restore_s=restore_s,
+            check_s=check_s,
+        )
+
+    def _share(self, name: ServicePortName, key: ChainKey, rules: Rules) -> None:
+        lines = self._shared.setdefault(key, {})
+        if name not in lines:
+            bisect.insort(self._order.setdefault(key, []), name)
+        lines[name] = rules
+
+    def _unshare(self, name: ServicePortName, key: ChainKey) -> None:
+        if self._shared.get(key, {}).pop(name, None) is None:
+            return
+        order = self._order[key]
+        del order[bisect.bisect_left(order, name)]
+
+    def _top(self, key: ChainKey) -> Rules:
+        """A top-level chain: every port's lines in port order, then the fixed tail."""
+        lines = self._shared.get(key, {})
+        order = self._order.get(key, [])
+        return (*concat.from_iterable([lines[n] for n in order]), *self._fixed.get(key, ()))
+
+    # ------------------------------------------------------------------ full
+
+    def _full(self, view: View, reason: str, check_s: float) -> SyncResult:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        ports: dict[ServicePortName, _Port] = {}
+        with gc_paused():
+            for name in sorted(view):
+                sp, eps = view[name]
+                ports[name] = _Port(sp, eps, render_port(sp, eps, cfg))
+        t1 = time.perf_counter()
+        self._ports = ports
+        self._shared = {}
+        self._order = {}
+        plan = _Plan()
+        with gc_paused():
+            for name, port in ports.items():
+                for c in port.rules.shared:
+                    key = (c.table, c.name)
+                    self._shared.setdefault(key, {})[name] = c.rules
+                    self._order.setdefault(key, []).append(name)
+                if port.rules.own:
+                    plan.groups.append({(c.table, c.name): c.rules for c in port.rules.own})
+            for key in {**self._fixed, **self._shared}:
+                plan.top[key] = self._top(key)
+        t2 = time.perf_counter()
+        wanted: set[ChainKey] = set(plan.top)
+        for group in plan.groups:
+            wanted.update(group)
+        existing = {(table, name) for table in TABLES for name in self.restorer.chains(self.family, table)}
+        plan.deleted = sorted(
+            key for key in existing if key[1].startswith(OWNED_PREFIXES) and key not in wanted
+        )
+        plan.create = [key for key in plan.top if key not in existing]
+        t3 = time.perf_counter()
+        restores, size, restore_s = self._write(plan)
+        t = time.perf_counter()
+        inserted = self.restorer.ensure_jumps(self.family, builtin_jumps(cfg))
+        restore_s += time.perf_counter() - t
+        applied: dict[ChainKey, Rules] = dict(plan.top)
+        for group in plan.groups:
+            applied.update(group)
+        self._applied = applied
+        self._full_reason = ""
+        self._last_full = self._last_canary = self._clock()
+        log.info(
+            "iptables_full_sync",
+            family=self.family,
+            reason=reason,
+            ports=len(ports),
+            chains=len(applied),
+            deleted=len(plan.deleted),
+            jumps_inserted=inserted,
+        )
+        return SyncResult(
+            full=True,
+            reason=reason,
+            chains_written=plan.written,
+            chains_deleted=len(plan.deleted),
+            payload_bytes=size,
+            restores=restores,
+            render_s=t1 - t0,
+            diff_s=t2 - t1,
+            restore_s=restore_s,
+            check_s=check_s + (t3 - t2),
+            jumps_inserted=inserted,
+        )
+
+    # ----------------------------------------------------------------- write
+
+    def payloads(self, plan: _Plan) -> Iterator[str]:
+        """The restore payloads for a plan: one, unless the restorer asks for chunks.
+
+        Chunked order keeps every intermediate state valid: missing top-level chains
+        created empty, then per-port chains (whole
+        ports per chunk), then the top-level chains that jump to them, then the chains to
+        delete are flushed (dropping their references to each other), then deleted."""
+        limit = self.restorer.chunk_chains
+        if not limit or plan.written + len(plan.deleted) <= limit:
+            merged: dict[ChainKey, Rules] = {}
+            for group in plan.groups:
+                merged.update(group)
+            merged.update(plan.top)
+            yield restore_payload(merged, plan.deleted)
+            return
+        if plan.create:
+            yield restore_payload(dict.fromkeys(plan.create, ()))
+        for batch in _batches(plan.groups, limit):
+            yield restore_payload(batch)
+        if plan.top:
+            yield restore_payload(plan.top)
+        gone = [{key: ()} for key in plan.deleted]
+        for batch in _batches(gone, limit):
+            yield restore_payload(batch)
+        for batch in _batches(gone, limit):
+            yield restore_payload({}, batch)
+
+    def _write(self, plan: _Plan) -> tuple[int, int, float]:
+        if plan.empty():
+            return 0, 0, 0.0
+        restores = size = 0
+        elapsed = 0.0
+        for payload in self.payloads(plan):
+            if not payload:
+                continue
+            size += len(payload)
+            restores += 1
+            t = time.perf_counter()
+            self.restorer.apply(self.family, payload, noflush=True)
+            elapsed += time.perf_counter() - t
+        return restores, size, elapsed
+
+
+def _batches(groups: Iterable[Mapping[ChainKey, Rules]], limit: int) -> Iterator[dict[ChainKey, Rules]]:
+    batch: dict[ChainKey, Rules] = {}
+    for group in groups:
+        if batch and len(batch) + len(group) > limit:
+            yield batch
+            batch = {}
+        batch.update(group)
+    if batch:
+        yield batch
