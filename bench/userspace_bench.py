@@ -50,6 +50,9 @@ CLIENT_IP = "10.77.1.2"
 PODS = ("10.77.2.2", "10.77.3.2")
 HTTP_PORT, IPERF_PORT, UDP_PORT = 80, 5201, 9000
 CONTENDERS = ("direct", "dnat", "haproxy", "kproxy")
+VARIANTS = {"kproxy": [], "kproxy-splice": ["--splice"], "kproxy-protocol": ["--engine", "protocol"]}
+"""kproxy: raw-socket engine copying through one buffer (the default); -splice: the same engine moving
+TCP bytes with splice(2); -protocol: the uvloop Protocol/transport engine."""
 CASES = ("keepalive", "close", "bulk", "udp")
 
 UDP_ECHO = r"""
@@ -311,7 +314,7 @@ class Bench:
                 yield {"http": (NODE_IP, 8080), "bulk": (NODE_IP, IPERF_PORT)}
             finally:
                 self.stop(p)
-        elif name == "kproxy":
+        elif name in VARIANTS:
             argv = [
                 sys.executable,
                 "-m",
@@ -325,6 +328,7 @@ class Bench:
                 f"bulk/TCP={PODS[0]}:{IPERF_PORT}",
                 "--service",
                 f"echo/UDP={PODS[0]}:{UDP_PORT},{PODS[1]}:{UDP_PORT}",
+                *VARIANTS[name],
             ]
             p = self.spawn("node", argv, ready="{")
             ports = json.loads(self._last_line)
@@ -518,12 +522,17 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
             cells.append(cell)
         ratio = _ratio(med, case, key)
         lines.append(f"| {case} {unit} | " + " | ".join(cells) + f" | {ratio} |")
-    lines += ["", "Proxy CPU (user+sys of the proxy process) per request, µs; for bulk, CPU seconds per GB:", ""]
-    lines += ["| case | " + " | ".join(n for n in names if n in ("haproxy", "kproxy")) + " |", "|---|---|---|"]
+    lines += [
+        "",
+        "Proxy CPU (user+sys of the proxy process) per request, µs; for bulk, CPU seconds per GB:",
+        "",
+    ]
+    proxies = [n for n in names if n not in ("direct", "dnat")]
+    lines += ["| case | " + " | ".join(proxies) + " |", "|---|" + "---|" * len(proxies)]
     for case in CASES:
         cells = []
         for n in names:
-            if n not in ("haproxy", "kproxy"):
+            if n not in proxies:
                 continue
             r = med[n].get(case) or {}
             v = r.get("proxy_cpu_s_per_gb") if case == "bulk" else r.get("proxy_cpu_us_per_req")
@@ -572,11 +581,12 @@ def chart(result: dict[str, Any], path: Path) -> bool:
         return False
     med = result["median"]
     names = list(med)
-    fig, axes = plt.subplots(1, len(CASES), figsize=(4 * len(CASES), 3.6))
+    fig, axes = plt.subplots(1, len(CASES), figsize=(4.2 * len(CASES), 4.0))
     for ax, case in zip(axes, CASES, strict=True):
         key, unit = METRIC[case]
         vals = [med[n].get(case, {}).get(key, 0.0) for n in names]
-        bars = ax.bar(names, vals, color=["#999999", "#4c72b0", "#dd8452", "#55a868"][: len(names)])
+        palette = ["#999999", "#4c72b0", "#dd8452", "#55a868", "#8fd19e", "#c44e52"]
+        bars = ax.bar(names, vals, color=palette[: len(names)])
         ax.set_title(f"{case} ({unit})")
         ax.tick_params(axis="x", labelrotation=30)
         for b, v in zip(bars, vals, strict=True):
@@ -595,7 +605,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="2 s per case, one round")
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=[*CONTENDERS, *VARIANTS])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--no-copy", action="store_true", help="do not update bench/RESULTS-userspace.md")
     args = ap.parse_args()

@@ -7,8 +7,10 @@ requested resourceVersion was compacted away. Selector semantics on update follo
 watch cache: an object that stops matching arrives as DELETED, one that starts matching as ADDED.
 
 Test controls: create/update/apply/delete objects, compact the history, stop and start again on the
-same port (objects and history survive, as they would in etcd), drop every open watch, inject
-latency or error responses, and read back a log of requests.
+same port (objects and history survive, as they would in etcd), drop every open watch, make new
+watches hang or trickle bytes, inject latency or error responses, and read back a log of requests.
+It binds 127.0.0.1 by default; pass `host=` an address inside a test's network namespace plumbing
+when the client runs in another namespace. No reverse DNS lookups anywhere.
 
 Usage:
     with ApiServerStandIn() as api:
@@ -405,8 +407,9 @@ class ApiServerStandIn:
         self.bookmark_interval = bookmark_interval
         self.default_watch_timeout = default_watch_timeout
         self.latency = 0.0
-        self.hang_watches = False
-        """While set, new watch streams send headers and then nothing, ignoring their timeout."""
+        self.hang_watches: bool | str = False
+        """While set, new watch streams send headers and then nothing, ignoring their timeout;
+        "trickle" sends a bare newline every 0.1 s instead (alive on the wire, dead in content)."""
         self.requests: list[RequestRecord] = []
         self._cond = threading.Condition()
         self._rv = first_rv
@@ -713,10 +716,13 @@ class ApiServerStandIn:
                 last = int(rv_text)
                 initial = []
         if self.hang_watches:
-            with self._cond:
-                while self.hang_watches and gen == self._drop_gen and self._running:
-                    self._cond.wait(0.05)
-            raise _Dropped
+            while True:
+                with self._cond:
+                    if not self.hang_watches or gen != self._drop_gen or not self._running:
+                        raise _Dropped
+                    self._cond.wait(0.1)
+                if self.hang_watches == "trickle":
+                    yield b""  # a bare newline: bytes on the wire, never an event
         for obj in initial:
             yield _enc({"type": "ADDED", "object": obj})
         while True:

@@ -14,7 +14,10 @@ def port_name(i: int) -> ServicePortName:
 
 def endpoints(i: int, count: int, first: int = 0) -> tuple[Endpoint, ...]:
     """Endpoints of service i: unique pod IPs, sorted by hostport as the view requires."""
-    eps = [Endpoint(f"10.{100 + i // 16000}.{(i // 64) % 250}.{(i % 64) * 4 + 1}", 8080 + j) for j in range(first, first + count)]
+    eps = [
+        Endpoint(f"10.{100 + i // 16000}.{(i // 64) % 250}.{(i % 64) * 4 + 1}", 8080 + j)
+        for j in range(first, first + count)
+    ]
     return tuple(sorted(eps, key=lambda e: e.hostport))
 
 

@@ -14,7 +14,6 @@ a failure says what was awaited and shows the tail of the agent's log.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +40,7 @@ from tests.netns import (
     PREFIX,
     Family,
     Host,
+    Proto,
     Reply,
     Topology,
     create_netns,
@@ -65,13 +66,20 @@ SOON = 15.0
 HEALTHZ = 10256
 METRICS = 10249
 ROOT = Path(__file__).resolve().parent.parent
+AGENT_CMD = ["-m", "kproxy"]
+"""How the agent is launched (after the interpreter); swap in a wrapper script to debug it."""
 
 
 # ------------------------------------------------------------------ polling
 
 
 def eventually(
-    probe: Callable[[], T], ok: Callable[[T], bool], what: str, *, timeout: float = SOON, log: Path | None = None
+    probe: Callable[[], T],
+    ok: Callable[[T], bool],
+    what: str,
+    *,
+    timeout: float = SOON,
+    log: Path | None = None,
 ) -> T:
     """Probe until `ok(value)`; on timeout fail naming what was awaited, the last value and the agent's log."""
     deadline = time.monotonic() + timeout
@@ -174,7 +182,10 @@ _KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 
 
 def parse_line(line: str) -> dict[str, str]:
-    return {k: (v[1:-1].replace('\\"', '"').replace("\\\\", "\\") if v[:1] == '"' else v) for k, v in _KV.findall(line)}
+    return {
+        k: (v[1:-1].replace('\\"', '"').replace("\\\\", "\\") if v[:1] == '"' else v)
+        for k, v in _KV.findall(line)
+    }
 
 
 @dataclass
@@ -197,7 +208,9 @@ class Agent:
                 pytest.fail(f"agent exited {self.proc.returncode} waiting for {name}:\n{self.tail()}")
             return self.events(name)
 
-        return eventually(probe, lambda evs: len(evs) >= count, f"{count} x event={name}", timeout=timeout, log=self.log)
+        return eventually(
+            probe, lambda evs: len(evs) >= count, f"{count} x event={name}", timeout=timeout, log=self.log
+        )
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
@@ -245,8 +258,10 @@ class Node:
         with entered(self.ns):  # the listening socket, and so every accepted one, lives in the node ns
             api.start()
 
-    def agent(self, *args: str, api: ApiServerStandIn | None = None, env: dict[str, str] | None = None) -> Agent:
-        argv = [sys.executable, "-m", "kproxy", "run", "--hostname-override", self.topo.node_name]
+    def agent(
+        self, *args: str, api: ApiServerStandIn | None = None, env: dict[str, str] | None = None
+    ) -> Agent:
+        argv = [sys.executable, *AGENT_CMD, "run", "--hostname-override", self.topo.node_name]
         if api is not None:
             kubeconfig = api.write_kubeconfig(self.tmp / f"kubeconfig-{api.port}")
             argv += ["--kubeconfig", str(kubeconfig)]
@@ -313,10 +328,12 @@ class Node:
 
     # -------------------------------------------------------------- traffic
 
-    def hit(self, ip: str, port: int, proto: str = "tcp") -> Reply:
-        return request(self.client.ns, ip, port, proto, timeout=1.0)  # type: ignore[arg-type]
+    def hit(self, ip: str, port: int, proto: Proto = "tcp") -> Reply:
+        return request(self.client.ns, ip, port, proto, timeout=1.0)
 
-    def wait_answer(self, ip: str, port: int, pods: set[str], agent: Agent | None, proto: str = "tcp") -> None:
+    def wait_answer(
+        self, ip: str, port: int, pods: set[str], agent: Agent | None, proto: Proto = "tcp"
+    ) -> None:
         """Until requests to ip:port have been answered by every pod in `pods` and by no other."""
         seen: set[str] = set()
         wrong: list[str] = []
@@ -338,7 +355,9 @@ class Node:
             log=agent.log if agent else None,
         )
 
-    def wait_outcome(self, ip: str, port: int, outcome: str, agent: Agent | None, proto: str = "tcp") -> Reply:
+    def wait_outcome(
+        self, ip: str, port: int, outcome: str, agent: Agent | None, proto: Proto = "tcp"
+    ) -> Reply:
         return eventually(
             lambda: self.hit(ip, port, proto),
             lambda r: r.outcome == outcome,
@@ -383,7 +402,9 @@ def normalised_save(ns: str, family: Family) -> dict[tuple[str, str], list[str]]
     return {k: v for k, v in out.items() if k[1].startswith("KUBE-") or len(v) > 1}
 
 
-def expected_rules(topo: Topology, objs: Sequence[dict[str, Any]], tmp: Path, family: Family) -> dict[tuple[str, str], list[str]]:
+def expected_rules(
+    topo: Topology, objs: Sequence[dict[str, Any]], tmp: Path, family: Family
+) -> dict[tuple[str, str], list[str]]:
     """What `kproxy dry-run` renders for `objs`, loaded into a scratch namespace and saved back by the
     same tools, so both sides of the comparison are formatted by iptables-nft-save."""
     manifest = write_objects(tmp / f"final-v{family}.yaml", objs)
@@ -400,7 +421,9 @@ def expected_rules(topo: Topology, objs: Sequence[dict[str, Any]], tmp: Path, fa
         delete_netns(scratch)
 
 
-def diff_rules(got: dict[tuple[str, str], list[str]], want: dict[tuple[str, str], list[str]]) -> str:
+def kernel_vs_expected(ns: str, family: Family, want: dict[tuple[str, str], list[str]]) -> str:
+    """Every chain whose rules differ between the node's kernel and `want`; empty when none does."""
+    got = normalised_save(ns, family)
     lines = []
     for key in sorted(set(got) | set(want)):
         if got.get(key) != want.get(key):
@@ -442,3 +465,455 @@ def test_service_carries_traffic_and_follows_scale_update_delete(node: Node) -> 
     reply = node.wait_outcome(vip(1), 81, "timeout", agent)
     assert not reply.ok
     assert agent.alive(), agent.tail()
+
+
+def test_apiserver_restart_with_compaction_converges_to_final_state(node: Node, tmp_path: Path) -> None:
+    """The API server dies mid-churn and comes back with its history compacted: the agent's watch
+    resumes from a resourceVersion that is gone (410), so it must relist; whatever was deleted
+    while it was away must vanish, and the kernel must end up exactly as `kproxy dry-run`
+    renders the final objects (both families), not merely carrying traffic."""
+    api = node.api()
+    agent = node.agent(api=api)
+    name = node.topo.node_name
+    pod1, pod2, pod3 = node.pod(1), node.pod(2), node.pod(3)
+    for i, pods in enumerate(([pod1], [pod1, pod2], [pod2], [pod3]), 1):
+        api.create(svc_obj(f"s{i}", 10 + i, dual=(i == 4)))
+        api.create(slice_obj(f"s{i}", pods, name))
+    api.create(slice_obj("s4", [pod1], name, family=6))
+    node.wait_answer(vip(11), 80, {pod1.name}, agent)
+    node.wait_answer(vip(14, 6), 80, {pod1.name}, agent)
+
+    # churn the agent has to follow, then the crash in the middle of more churn
+    api.update(slice_obj("s1", [pod1, pod3], name))
+    api.update(svc_obj("s2", 12, port=8000))
+    api.stop()
+    api.delete("Service", NS, "s3")
+    api.delete("EndpointSlice", NS, "s3-v4")
+    api.delete("EndpointSlice", NS, "s4-v6")
+    api.update(slice_obj("s2", [pod3], name))
+    api.create(svc_obj("s5", 15, proto="UDP", port=53))
+    api.create(slice_obj("s5", [pod2], name, proto="UDP"))
+    restarted_at = time.monotonic()
+    api.compact()
+    node.start_api(api)
+    api.update(svc_obj("s4", 14, port=8443, dual=True))
+
+    final = [node_obj(node.topo)] + [o for kind in ("Service", "EndpointSlice") for o in api.objects(kind)]
+    for family in (4, 6):
+        want = expected_rules(node.topo, final, tmp_path, family)
+        eventually(
+            partial(kernel_vs_expected, node.ns, family, want),
+            lambda diff: diff == "",
+            f"IPv{family} rules equal to dry-run of the final objects (diff shown)",
+            log=agent.log,
+        )
+
+    relists = [
+        r for r in api.requests if r.at > restarted_at and not r.watch and r.path.endswith("/services")
+    ]
+    assert relists, "the agent must list again after its watch's resourceVersion was compacted away"
+    node.wait_answer(vip(15), 53, {pod2.name}, agent, proto="udp")
+    node.wait_answer(vip(12), 8000, {pod3.name}, agent)
+    assert node.hit(vip(13), 80).outcome == "timeout", "a service deleted during the outage must be gone"
+    assert agent.alive(), agent.tail()
+
+
+class UdpClient:
+    """A DNS-like client: one socket, one source port for its whole life, as resolvers often keep."""
+
+    def __init__(self, ns: str, ip: str, port: int) -> None:
+        with entered(ns):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(0.3)
+        self.sock.connect((ip, port))
+        self.port = self.sock.getsockname()[1]
+
+    def ask(self) -> str:
+        """The answering pod's name, or what went wrong."""
+        try:
+            self.sock.send(b"?\n")
+            return self.sock.recv(2048).decode().split()[0]
+        except TimeoutError:
+            return "timeout"
+        except ConnectionRefusedError:
+            return "refused"
+        except OSError as e:
+            return f"{e.__class__.__name__}: {e}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_udp_service_keeps_answering_after_its_only_endpoint_is_replaced(node: Node) -> None:
+    """The DNS pod is replaced (old one gone, new one elsewhere) while a client keeps asking from the
+    same source port. Its conntrack entry still points at the old pod and every query refreshes it,
+    so only the agent deleting that stale entry lets the client reach the new pod; the check is that
+    it does, soon (bounded wait), with the client's source port unchanged."""
+    api = node.api()
+    agent = node.agent(api=api)
+    old, new = node.pod(1), node.pod(2)
+    dns = start_podservers([(old.ns, old.name), (new.ns, new.name)], [5353])
+    client = UdpClient(node.client.ns, vip(53), 53)
+    try:
+        api.create(svc_obj("dns", 53, port=53, proto="UDP", target=5353))
+        api.create(slice_obj("dns", [old], node.topo.node_name, port=5353, proto="UDP"))
+        eventually(client.ask, lambda got: got == old.name, "the first DNS pod answers", log=agent.log)
+        flows = exec_in(node.ns, ["conntrack", "-L", "-p", "udp", "--orig-dst", vip(53)], check=False).stdout
+        assert f"src={old.ipv4}" in flows and f"sport={client.port}" in flows, (
+            f"premise: the client's flow is tracked towards the old pod:\n{flows}"
+        )
+
+        stop_process(dns[0])  # the old pod is gone
+        api.update(slice_obj("dns", [new], node.topo.node_name, port=5353, proto="UDP"))
+        eventually(client.ask, lambda got: got == new.name, "the replacement DNS pod answers", log=agent.log)
+        assert client.sock.getsockname()[1] == client.port
+    finally:
+        client.close()
+        for proc in dns:
+            stop_process(proc)
+
+
+# ------------------------------------------------------------------ health and metrics
+
+
+@dataclass(frozen=True)
+class Scrape:
+    types: dict[str, str]
+    """Metric family name (as prometheus_client's parser names it) -> type."""
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def scrape(node: Node) -> Scrape:
+    status, body = node.get(METRICS, "/metrics")
+    assert status == 200, f"/metrics answered {status}: {body[:200]}"
+    types: dict[str, str] = {}
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for fam in text_string_to_metric_families(body):
+        types[fam.name] = fam.type
+        for s in fam.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return Scrape(types, samples)
+
+
+def failing_restore(tmp: Path) -> tuple[Path, Path]:
+    """A PATH directory whose iptables-nft-restore (both families) fails while `flag` exists and is
+    the real one otherwise: syncs of this one agent stall, nothing else on the machine notices."""
+    bindir, flag = tmp / "bin", tmp / "restore-fails"
+    bindir.mkdir()
+    for name in ("iptables-nft-restore", "ip6tables-nft-restore"):
+        real = shutil.which(name)
+        assert real, f"{name} not found"
+        script = bindir / name
+        script.write_text(
+            f'#!/bin/sh\nif [ -e "{flag}" ]; then echo "injected failure" >&2; exit 4; fi\nexec {real} "$@"\n'
+        )
+        script.chmod(0o755)
+    return bindir, flag
+
+
+def test_healthz_turns_503_while_syncs_fail_and_200_once_they_recover(node: Node, tmp_path: Path) -> None:
+    """With every iptables-restore of this agent failing, a queued change stays unsynced: /healthz
+    and /livez answer 503 once it is older than 2 x the sync period (1 s here) and the rules already
+    in the kernel keep serving; when restores work again the change lands and both answer 200."""
+    bindir, flag = failing_restore(tmp_path)
+    api = node.api()
+    env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    agent = node.agent("--iptables-sync-period", "1s", api=api, env=env)
+    pod1, pod2 = node.pod(1), node.pod(2)
+    api.create(svc_obj("hz", 30))
+    api.create(slice_obj("hz", [pod1], node.topo.node_name))
+    node.wait_answer(vip(30), 80, {pod1.name}, agent)
+    eventually(
+        lambda: node.get(HEALTHZ, "/healthz")[0], lambda s: s == 200, "/healthz 200 after the first sync"
+    )
+
+    flag.touch()
+    api.update(slice_obj("hz", [pod2], node.topo.node_name))
+    _, body = eventually(
+        lambda: node.get(HEALTHZ, "/healthz"),
+        lambda r: r[0] == 503,
+        "/healthz 503 while syncs fail",
+        log=agent.log,
+    )
+    doc = json.loads(body)
+    assert {"lastUpdated", "currentTime"} <= doc.keys(), doc
+    assert node.get(HEALTHZ, "/livez")[0] == 503
+    assert node.hit(vip(30), 80).name == pod1.name, "the rules in the kernel keep serving while syncs fail"
+    assert (
+        scrape(node).value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", ip_family="IPv4") > 0
+    )
+
+    flag.unlink()
+    eventually(
+        lambda: node.get(HEALTHZ, "/healthz")[0], lambda s: s == 200, "/healthz 200 again", log=agent.log
+    )
+    assert node.get(HEALTHZ, "/livez")[0] == 200
+    node.wait_answer(vip(30), 80, {pod2.name}, agent)
+
+
+KUBE_PROXY_METRICS = {
+    "kubeproxy_sync_proxy_rules_duration_seconds": "histogram",
+    "kubeproxy_sync_full_proxy_rules_duration_seconds": "histogram",
+    "kubeproxy_sync_partial_proxy_rules_duration_seconds": "histogram",
+    "kubeproxy_network_programming_duration_seconds": "histogram",
+    "kubeproxy_sync_proxy_rules_last_timestamp_seconds": "gauge",
+    "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds": "gauge",
+    "kubeproxy_sync_proxy_rules_endpoint_changes_pending": "gauge",
+    "kubeproxy_sync_proxy_rules_endpoint_changes": "counter",
+    "kubeproxy_sync_proxy_rules_service_changes_pending": "gauge",
+    "kubeproxy_sync_proxy_rules_service_changes": "counter",
+    "kubeproxy_sync_proxy_rules_iptables_restore_failures": "counter",
+    "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures": "counter",
+    "kubeproxy_sync_proxy_rules_iptables_total": "gauge",
+    "kubeproxy_sync_proxy_rules_no_local_endpoints_total": "gauge",
+    "kubeproxy_proxy_healthz": "counter",
+}
+"""Counters by family name: prometheus_client's parser drops the `_total` suffix of counters."""
+
+
+def test_metrics_parse_carry_kube_proxy_names_and_move_after_a_change(node: Node) -> None:
+    """A Prometheus scrape of :10249 parses with prometheus_client's own parser, has kube-proxy's
+    metric names and types, and its sync counters and timestamps move when a change is synced."""
+    api = node.api()
+    agent = node.agent(api=api)
+    pod1, pod2 = node.pod(1), node.pod(2)
+    api.create(svc_obj("m", 40))
+    api.create(slice_obj("m", [pod1], node.topo.node_name))
+    node.wait_answer(vip(40), 80, {pod1.name}, agent)
+
+    # traffic flows as soon as the IPv4 restore is in; the sync's bookkeeping follows a moment later
+    before = eventually(
+        lambda: scrape(node),
+        lambda s: s.value("kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 1,
+        "the first sync counted",
+        log=agent.log,
+    )
+    missing = {n: t for n, t in KUBE_PROXY_METRICS.items() if before.types.get(n) != t}
+    assert not missing, f"missing or mistyped: {missing}; have {sorted(before.types)}"
+    assert node.get(METRICS, "/proxyMode") == (200, "iptables")
+    syncs = before.value("kubeproxy_sync_proxy_rules_duration_seconds_count", ip_family="IPv4")
+    changes = before.value("kubeproxy_sync_proxy_rules_endpoint_changes_total")
+    last = before.value("kubeproxy_sync_proxy_rules_last_timestamp_seconds", ip_family="IPv4")
+    assert syncs >= 1 and changes >= 1 and last > 0, before.samples
+
+    api.update(slice_obj("m", [pod1, pod2], node.topo.node_name))
+    node.wait_answer(vip(40), 80, {pod1.name, pod2.name}, agent)
+    after = eventually(
+        lambda: scrape(node),
+        lambda s: s.value("kubeproxy_sync_proxy_rules_endpoint_changes_total") > changes,
+        "endpoint_changes_total grows after an EndpointSlice update",
+        log=agent.log,
+    )
+    assert after.value("kubeproxy_sync_proxy_rules_duration_seconds_count", ip_family="IPv4") > syncs
+    assert after.value("kubeproxy_sync_proxy_rules_last_timestamp_seconds", ip_family="IPv4") > last
+    assert after.value("kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 0
+
+
+# ------------------------------------------------------------------ restart under load
+
+
+class EchoServer:
+    """Echoes every TCP byte back, in this process, on a socket listening inside a pod's namespace."""
+
+    def __init__(self, ns: str, port: int) -> None:
+        with entered(ns):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", port))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._conns.append(conn)
+            t = threading.Thread(target=self._echo, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        conn.settimeout(0.2)
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    data = conn.recv(4096)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        for t in self._threads:
+            t.join(timeout=2)
+
+
+@dataclass
+class Talker:
+    """One long-lived connection through the cluster IP, exchanging a numbered line every ~20 ms."""
+
+    sock: socket.socket
+    exchanged: int = 0
+    error: str = ""
+
+    def run(self, stop: threading.Event, limit: int = 5000) -> None:
+        buf = b""
+        for i in range(limit):
+            if stop.is_set():
+                return
+            line = f"{i}\n".encode()
+            try:
+                self.sock.sendall(line)
+                while b"\n" not in buf:
+                    chunk = self.sock.recv(4096)
+                    if not chunk:
+                        self.error = f"closed by peer after {self.exchanged} exchanges"
+                        return
+                    buf += chunk
+            except OSError as e:
+                self.error = f"{e.__class__.__name__}: {e} after {self.exchanged} exchanges"
+                return
+            got, buf = buf.split(b"\n", 1)
+            if got + b"\n" != line:
+                self.error = f"sent {line!r}, got back {got!r}"
+                return
+            self.exchanged += 1
+            stop.wait(0.02)
+
+
+def test_sigterm_and_restart_drop_no_connection(node: Node) -> None:
+    """Established connections through a cluster IP keep exchanging data while the agent is
+    SIGTERMed and started again, and new connections made while no agent runs still succeed:
+    SIGTERM leaves the rules in place and the new agent's first sync replaces them without a gap."""
+    api = node.api()
+    agent = node.agent(api=api)
+    pod1, pod2 = node.pod(1), node.pod(2)
+    servers = [EchoServer(pod1.ns, 9000), EchoServer(pod2.ns, 9000)]
+    talkers: list[Talker] = []
+    threads: list[threading.Thread] = []
+    stop, probing = threading.Event(), threading.Event()
+    try:
+        api.create(svc_obj("echo", 60, port=7, target=9000))
+        api.create(slice_obj("echo", [pod1, pod2], node.topo.node_name, port=9000))
+        api.create(svc_obj("who", 61))
+        api.create(slice_obj("who", [pod1, pod2], node.topo.node_name))
+        node.wait_answer(vip(61), 80, {pod1.name, pod2.name}, agent)
+        for _ in range(8):
+            with entered(node.client.ns):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(3.0)
+            sock.connect((vip(60), 7))
+            talkers.append(Talker(sock))
+        threads = [threading.Thread(target=t.run, args=(stop,), daemon=True) for t in talkers]
+        for t in threads:
+            t.start()
+        eventually(lambda: min(t.exchanged for t in talkers), lambda n: n >= 5, "all connections exchanging")
+
+        fresh: list[Reply] = []
+
+        def probe_new_connections() -> None:
+            while not probing.is_set() and len(fresh) < 2000:
+                fresh.append(node.hit(vip(61), 80))
+
+        prober = threading.Thread(target=probe_new_connections, daemon=True)
+        threads.append(prober)
+        prober.start()
+        assert agent.terminate() == 0, agent.tail()
+        assert agent.events("agent_stopped"), agent.tail()
+        marks = [t.exchanged for t in talkers]
+
+        again = node.agent(api=api)
+        again.wait_event("synced")
+        api.update(slice_obj("who", [pod1], node.topo.node_name))
+        node.wait_answer(vip(61), 80, {pod1.name}, again)
+        probing.set()
+        prober.join(timeout=5)
+        failed = [str(r) for r in fresh if not r.ok]
+        assert fresh and not failed, (
+            f"new connections during the restart failed: {failed[:5]} of {len(fresh)}"
+        )
+        eventually(
+            lambda: (
+                [t.exchanged - m for t, m in zip(talkers, marks, strict=True)],
+                [t.error for t in talkers],
+            ),
+            lambda v: min(v[0]) >= 10 or any(v[1]),
+            "every connection still exchanging after the restart",
+        )
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
+        broken = {i: t.error for i, t in enumerate(talkers) if t.error}
+        assert not broken, f"connections broken across the restart: {broken}"
+    finally:
+        stop.set()
+        probing.set()
+        for t in threads:
+            t.join(timeout=5)
+        for talker in talkers:
+            talker.sock.close()
+        for server in servers:
+            server.close()
+
+
+# ------------------------------------------------------------------ no cluster
+
+
+def test_manifests_directory_edits_change_the_rules(node: Node, tmp_path: Path) -> None:
+    """`kproxy run --manifests DIR` with no API server: adding an endpoint, changing a port and
+    removing a file each show in the traffic soon after the edit (bounded wait)."""
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    name = node.topo.node_name
+    pod1, pod2 = node.pod(1), node.pod(2)
+    write_objects(manifests / "node.yaml", [node_obj(node.topo)])
+    app = manifests / "app.yaml"
+    write_objects(app, [svc_obj("app", 70), slice_obj("app", [pod1], name)])
+    agent = node.agent("--manifests", str(manifests))
+    node.wait_answer(vip(70), 80, {pod1.name}, agent)
+
+    write_objects(app, [svc_obj("app", 70), slice_obj("app", [pod1, pod2], name)])
+    node.wait_answer(vip(70), 80, {pod1.name, pod2.name}, agent)
+
+    write_objects(app, [svc_obj("app", 70, port=8000), slice_obj("app", [pod2], name)])
+    node.wait_answer(vip(70), 8000, {pod2.name}, agent)
+    assert not node.hit(vip(70), 80).ok, "the old port must stop working"
+
+    write_objects(manifests / "other.yaml", [svc_obj("other", 71), slice_obj("other", [pod1], name)])
+    node.wait_answer(vip(71), 80, {pod1.name}, agent)
+    app.unlink()
+    node.wait_outcome(vip(70), 8000, "timeout", agent)
+    assert node.hit(vip(71), 80).ok
+    assert agent.alive(), agent.tail()
+
+
+def test_rules_come_back_after_someone_flushes_the_tables(node: Node) -> None:
+    """An administrator (or another tool) flushes every table: the agent notices its canary chain
+    is gone at its next periodic sync and rewrites everything, with no API change to prompt it."""
+    api = node.api()
+    agent = node.agent(api=api)
+    api.create(svc_obj("canary", 80))
+    api.create(slice_obj("canary", [node.pod(3)], node.topo.node_name))
+    node.wait_answer(vip(80), 80, {node.pod(3).name}, agent)
+    exec_in(node.ns, ["nft", "flush", "ruleset"])
+    print("AFTER FLUSH", time.time(), exec_in(node.ns, ["nft", "list", "ruleset"]).stdout[:500])
+    r = node.hit(vip(80), 80)
+    print("HIT", time.time(), r)
+    assert not r.ok, "premise: with the tables flushed the service is gone"
+    node.wait_answer(vip(80), 80, {node.pod(3).name}, agent)

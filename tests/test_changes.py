@@ -132,7 +132,7 @@ def test_family_view_recomputes_only_what_changed() -> None:
     t.upsert(eps("s7", ("10.244.1.7", "10.244.2.7")))
     changed = view.update(t, t.take().services)
     assert [str(n) for n in changed] == ["default/s7:http"]
-    sp, endpoints = view.ports[next(iter(changed))]
+    _sp, endpoints = view.ports[next(iter(changed))]
     assert [e.ip for e in endpoints] == ["10.244.1.7", "10.244.2.7"]
     assert all(e.is_local for e in endpoints)
 

@@ -10,9 +10,11 @@ from kproxy.backends.iptables import restore
 from kproxy.backends.iptables.naming import sep_chain, svc_chain
 from kproxy.backends.iptables.render import builtin_jumps, render_view
 from kproxy.backends.iptables.restore import FakeRestorer, detect_backend, failed_line
+from kproxy.backends.iptables.ruleset import Table
 from kproxy.backends.iptables.sync import SyncEngine
 from kproxy.config import RenderConfig
 from kproxy.errors import ConfigError, RestoreError
+from kproxy.state.model import Family
 from tests.sync_cases import View, cluster, port_name, service, with_endpoints
 
 CFG = RenderConfig(family=4, node_name="node-a", cluster_cidr=("10.0.0.0/8",))
@@ -118,7 +120,11 @@ def test_added_service_rewrites_services_chain_and_writes_its_own_chains() -> No
     view[name] = service(99, 2)
     engine.sync(view, {name})
     ((_, payload),) = fake.payloads
-    assert declared(payload) == {"KUBE-SERVICES", svc_chain(name), *(sep_chain(name, e.hostport) for e in view[name][1])}
+    assert declared(payload) == {
+        "KUBE-SERVICES",
+        svc_chain(name),
+        *(sep_chain(name, e.hostport) for e in view[name][1]),
+    }
     assert kernel(fake) == fresh_state(view)
 
 
@@ -197,9 +203,14 @@ def test_changed_set_missing_an_added_or_deleted_port_still_converges(op: str) -
 def test_config_change_forces_full_sync() -> None:
     view = cluster(3, 1)
     engine, fake = started(view)
-    engine.set_config(RenderConfig(family=4, node_name="node-a", masquerade_all=True))
+    cfg = RenderConfig(family=4, node_name="node-a", masquerade_all=True)
+    engine.set_config(cfg)
     result = engine.sync(view, set())
     assert result.full and result.reason == "config"
+    assert dict(engine.applied) == render_view(view, cfg)
+    assert fake.tables[(4, "nat")][svc_chain(port_name(0))] == list(
+        render_view(view, cfg)[("nat", svc_chain(port_name(0)))]
+    )
 
 
 @pytest.mark.parametrize("chunk", [None, 4], ids=["one-payload", "chunked"])
@@ -237,8 +248,10 @@ def test_chunked_full_sync_splits_payload_but_not_a_port() -> None:
     fake = FakeRestorer(chunk_chains=9)
     result = SyncEngine(CFG, fake).sync(view, set())
     assert result.restores > 2
-    for _, payload in fake.payloads[:-1]:
-        names = declared(payload)
+    port_payloads = [declared(p) for _, p in fake.payloads if "KUBE-SERVICES" not in declared(p)]
+    assert len(port_payloads) > 1
+    for names in port_payloads:
+        assert len(names) <= 9
         svcs = [n for n in names if n.startswith("KUBE-SVC-")]
         assert len(names) == 4 * len(svcs)  # each SVC chain travels with its three SEPs
     assert kernel(fake) == fresh_state(view)
@@ -272,8 +285,17 @@ def _runner(outputs: dict[str, str]):  # type: ignore[no-untyped-def]
     [
         ({"iptables-nft-save -t mangle": ":KUBE-IPTABLES-HINT - [0:0]\n"}, "nft"),
         ({"iptables-legacy-save": "*mangle\n:KUBE-KUBELET-CANARY - [0:0]\n"}, "legacy"),
-        ({"iptables-legacy-save": "-A INPUT -j ACCEPT\n-A INPUT -j DROP\n", "iptables-nft-save": "-A X -j Y\n"}, "legacy"),
-        ({"iptables-legacy-save": "-A INPUT -j ACCEPT\n", "iptables-nft-save": "-A X -j Y\n-A X -j Z\n"}, "nft"),
+        (
+            {
+                "iptables-legacy-save": "-A INPUT -j ACCEPT\n-A INPUT -j DROP\n",
+                "iptables-nft-save": "-A X -j Y\n",
+            },
+            "legacy",
+        ),
+        (
+            {"iptables-legacy-save": "-A INPUT -j ACCEPT\n", "iptables-nft-save": "-A X -j Y\n-A X -j Z\n"},
+            "nft",
+        ),
         ({}, "nft"),
     ],
     ids=["kubelet-hint-nft", "kubelet-canary-legacy", "more-legacy-rules", "more-nft-rules", "empty-host"],
@@ -283,11 +305,64 @@ def test_backend_detection(outputs: dict[str, str], expected: str) -> None:
 
 
 def test_backend_flag_overrides_and_is_checked() -> None:
-    assert detect_backend("legacy", run=_runner({"iptables-nft-save -t mangle": ":KUBE-IPTABLES-HINT -"})) == "legacy"
+    assert (
+        detect_backend("legacy", run=_runner({"iptables-nft-save -t mangle": ":KUBE-IPTABLES-HINT -"}))
+        == "legacy"
+    )
     with pytest.raises(ConfigError):
         detect_backend("iptables")
 
 
 def test_rule_args_keep_quoted_comments() -> None:
     line = '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES'
-    assert restore.rule_args(line) == ["-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]
+    assert restore.rule_args(line) == [
+        "-m",
+        "comment",
+        "--comment",
+        "kubernetes service portals",
+        "-j",
+        "KUBE-SERVICES",
+    ]
+
+
+def test_nft_chain_listing_is_parsed_per_table() -> None:
+    listing = (
+        "table ip nat {\n\tchain PREROUTING {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t}\n"
+        "\tchain KUBE-SVC-X {\n\t}\n}\ntable ip filter {\n\tchain KUBE-Y {\n\t}\n}\n"
+    )
+    assert restore.nft_chain_names(listing) == {"nat": {"PREROUTING", "KUBE-SVC-X"}, "filter": {"KUBE-Y"}}
+
+
+class CountingChecks(FakeRestorer):
+    """A kernel whose tables carry a change counter, like legacy's table header."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gen = 0
+        self.checks = 0
+
+    def apply(self, family: Family, payload: str, noflush: bool = True) -> None:
+        super().apply(family, payload, noflush)
+        self.gen += 1
+
+    def generation(self, family: Family, table: Table) -> object | None:
+        return self.gen
+
+    def has_chain(self, family: Family, table: Table, chain: str) -> bool:
+        self.checks += 1
+        return super().has_chain(family, table, chain)
+
+
+def test_canary_check_is_skipped_only_while_nobody_else_touched_the_table() -> None:
+    view = cluster(5, 2)
+    fake = CountingChecks()
+    engine = SyncEngine(CFG, fake)
+    engine.sync(view, set())
+    view[port_name(1)] = with_endpoints(view[port_name(1)], 3)
+    engine.sync(view, {port_name(1)})
+    engine.sync(view, set())
+    assert fake.checks == 0
+    del fake.tables[(4, "nat")]["KUBE-PROXY-CANARY"]
+    fake.gen += 1  # someone else changed the table
+    result = engine.sync(view, set())
+    assert fake.checks == 1 and result.reason == "canary"

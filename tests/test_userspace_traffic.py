@@ -8,6 +8,7 @@ loop the proxier is written for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections import Counter
@@ -48,7 +49,7 @@ class TcpBackend(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.owner.conns.add(self)
         self.owner.accepted += 1
-        transport.write(self.owner.name.encode() + b"\n")
+        self.transport.write(self.owner.name.encode() + b"\n")
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -137,10 +138,8 @@ async def refused(port: int) -> None:
         r, w = await asyncio.open_connection(LO, port)
     except ConnectionResetError:
         return
-    try:
+    with contextlib.suppress(ConnectionResetError):
         assert await r.read() == b""
-    except ConnectionResetError:
-        pass
     w.close()
 
 
@@ -157,10 +156,23 @@ async def started(*names: str) -> list[TcpServer]:
 Body = Callable[[UserspaceProxier, list[TcpServer]], Awaitable[None]]
 
 
-def with_proxier(body: Body, *, backends: int = 2, **kw: Any) -> None:
+ENGINES: dict[str, dict[str, Any]] = {
+    "raw": {"engine": "raw"},
+    "raw-splice": {"engine": "raw", "splice": True},
+    "protocol": {"engine": "protocol"},
+}
+
+
+@pytest.fixture(params=list(ENGINES))
+def engine(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Every TCP behaviour is checked on each forwarding engine."""
+    return ENGINES[request.param]
+
+
+def with_proxier(body: Body, engine: dict[str, Any], *, backends: int = 2, **kw: Any) -> None:
     async def main() -> None:
         servers = await started(*(f"b{i}" for i in range(backends)))
-        proxier = UserspaceProxier(bind_ip=LO, **kw)
+        proxier = UserspaceProxier(bind_ip=LO, **engine, **kw)
         try:
             await body(proxier, servers)
         finally:
@@ -174,7 +186,7 @@ def with_proxier(body: Body, *, backends: int = 2, **kw: Any) -> None:
 # ------------------------------------------------------------------------ TCP
 
 
-def test_round_robin_spreads_connections() -> None:
+def test_round_robin_spreads_connections(engine: dict[str, Any]) -> None:
     async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
         await p.sync(view([s.endpoint for s in servers]))
         port = p.port_of(spn())
@@ -182,10 +194,10 @@ def test_round_robin_spreads_connections() -> None:
         got = Counter([await one(port) for _ in range(10)])
         assert got == {"b0": 5, "b1": 5}
 
-    with_proxier(body)
+    with_proxier(body, engine)
 
 
-def test_client_ip_affinity_holds() -> None:
+def test_client_ip_affinity_holds(engine: dict[str, Any]) -> None:
     async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
         await p.sync(view([s.endpoint for s in servers], affinity=60))
         port = p.port_of(spn())
@@ -193,10 +205,10 @@ def test_client_ip_affinity_holds() -> None:
         got = {await one(port) for _ in range(10)}
         assert len(got) == 1
 
-    with_proxier(body)
+    with_proxier(body, engine)
 
 
-def test_least_connections_by_annotation() -> None:
+def test_least_connections_by_annotation(engine: dict[str, Any]) -> None:
     async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
         await p.sync(view([s.endpoint for s in servers], algorithm="least-connections"))
         port = p.port_of(spn())
@@ -209,10 +221,10 @@ def test_least_connections_by_annotation() -> None:
         for _, w, _ in held:
             w.close()
 
-    with_proxier(body)
+    with_proxier(body, engine)
 
 
-def test_half_close_keeps_the_other_direction() -> None:
+def test_half_close_keeps_the_other_direction(engine: dict[str, Any]) -> None:
     async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
         await p.sync(view([servers[0].endpoint]))
         port = p.port_of(spn())
@@ -225,10 +237,10 @@ def test_half_close_keeps_the_other_direction() -> None:
         assert await r.read() == b""
         w.close()
 
-    with_proxier(body)
+    with_proxier(body, engine)
 
 
-def test_killed_backend_loses_only_its_connections() -> None:
+def test_killed_backend_loses_only_its_connections(engine: dict[str, Any]) -> None:
     async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
         await p.sync(view([s.endpoint for s in servers]))
         port = p.port_of(spn())
@@ -247,10 +259,10 @@ def test_killed_backend_loses_only_its_connections() -> None:
         got = Counter([await one(port) for _ in range(8)])
         assert got == {"b1": 8}
 
-    with_proxier(body)
+    with_proxier(body, engine)
 
 
-def test_removed_endpoint_drains() -> None:
+def test_removed_endpoint_drains(engine: dict[str, Any]) -> None:
     async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
         await p.sync(view([s.endpoint for s in servers]))
         port = p.port_of(spn())
@@ -266,10 +278,10 @@ def test_removed_endpoint_drains() -> None:
         for _, w, _ in (a, b):
             w.close()
 
-    with_proxier(body)
+    with_proxier(body, engine)
 
 
-def test_connection_limit_refuses_and_reports() -> None:
+def test_connection_limit_refuses_and_reports(engine: dict[str, Any]) -> None:
     hits: list[str] = []
 
     async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
@@ -286,10 +298,10 @@ def test_connection_limit_refuses_and_reports() -> None:
         for _, w2, _ in held[1:]:
             w2.close()
 
-    with_proxier(body, max_connections=3, hooks=Hooks(connection_limit=hits.append))
+    with_proxier(body, engine, max_connections=3, hooks=Hooks(connection_limit=hits.append))
 
 
-def test_no_endpoints_closes_the_client() -> None:
+def test_no_endpoints_closes_the_client(engine: dict[str, Any]) -> None:
     async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
         await p.sync(view([]))
         port = p.port_of(spn())
@@ -297,10 +309,10 @@ def test_no_endpoints_closes_the_client() -> None:
         await refused(port)
         await until(lambda: p.open_connections == 0)
 
-    with_proxier(body)
+    with_proxier(body, engine)
 
 
-def test_service_removal_closes_listener() -> None:
+def test_service_removal_closes_listener(engine: dict[str, Any]) -> None:
     async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
         await p.sync(view([s.endpoint for s in servers]))
         port = p.port_of(spn())
@@ -310,10 +322,10 @@ def test_service_removal_closes_listener() -> None:
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection(LO, port)
 
-    with_proxier(body)
+    with_proxier(body, engine)
 
 
-def test_ten_thousand_connections_leak_no_descriptors() -> None:
+def test_ten_thousand_connections_leak_no_descriptors(engine: dict[str, Any]) -> None:
     async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
         await p.sync(view([s.endpoint for s in servers]))
         port = p.port_of(spn())
@@ -332,7 +344,7 @@ def test_ten_thousand_connections_leak_no_descriptors() -> None:
         assert sum(s.accepted for s in servers) == 10_200
         assert fd_count() <= before
 
-    with_proxier(body)
+    with_proxier(body, engine)
 
 
 # ------------------------------------------------------------------------ UDP
@@ -428,7 +440,7 @@ def test_sctp_service_without_kernel_support_is_skipped_cleanly() -> None:
     run(main())
 
 
-def test_client_speaks_first_and_closes_before_dial_completes() -> None:
+def test_client_speaks_first_and_closes_before_dial_completes(engine: dict[str, Any]) -> None:
     async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
         await p.sync(view([servers[0].endpoint]))
         port = p.port_of(spn())
@@ -440,4 +452,4 @@ def test_client_speaks_first_and_closes_before_dial_completes() -> None:
             assert await r.read() == b"b0\nearly\nbye\n"
             w.close()
 
-    with_proxier(body)
+    with_proxier(body, engine)

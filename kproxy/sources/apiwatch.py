@@ -136,8 +136,9 @@ class WatchConfig:
     """Read timeout of list calls (a list of 20,000 objects can take a while to arrive)."""
     backoff_base: float = 0.8
     backoff_cap: float = 30.0
-    backoff_jitter: float = 1.0
-    """Each delay is stretched by a random factor in [1, 1 + jitter], as client-go does."""
+    backoff_jitter: float = 0.5
+    """Each delay is cut by a random fraction up to this, so nodes that lost the apiserver together
+    do not all come back in the same instant, even once the delay has reached its cap."""
     min_watch_duration: float = 1.0
     """A watch ending sooner than this with no event counts as a failure, so no busy loop."""
     relist_after_failures: int = 5
@@ -152,6 +153,8 @@ class WatchConfig:
             raise ConfigError("watch_timeout", f"need 1 <= low <= high seconds, got {self.watch_timeout}")
         if self.backoff_base <= 0 or self.backoff_cap < self.backoff_base:
             raise ConfigError("backoff", "need 0 < base <= cap")
+        if not 0 <= self.backoff_jitter < 1:
+            raise ConfigError("backoff_jitter", "must be in [0, 1)")
         if self.relist_after_failures < 1 or self.page_size < 0:
             raise ConfigError("relist_after_failures/page_size", "must be positive")
 
@@ -334,8 +337,8 @@ class _Watcher:
             self._stopping.wait(self._backoff(failures))
 
     def _backoff(self, failures: int) -> float:
-        base = min(self.cfg.backoff_cap, self.cfg.backoff_base * 2.0 ** min(failures - 1, 30))
-        return min(self.cfg.backoff_cap, base * (1 + random.random() * self.cfg.backoff_jitter))
+        delay = min(self.cfg.backoff_cap, self.cfg.backoff_base * 2.0 ** min(failures - 1, 30))
+        return delay * (1 - random.random() * self.cfg.backoff_jitter)
 
     def interrupt(self) -> None:
         """Cut the in-flight request from another thread; the loop sees an error and retries."""
@@ -457,7 +460,6 @@ class _Watcher:
         try:
             buf = bytearray()
             for chunk in self._chunks(resp):
-                self._alive(read_timeout + self.cfg.stall_margin)
                 buf.extend(chunk)
                 start = 0
                 while (nl := buf.find(b"\n", start)) >= 0:
@@ -465,6 +467,8 @@ class _Watcher:
                     start = nl + 1
                     if line.strip():
                         self._handle(_loads(line))
+                        # only whole events count as life: a trickle of bytes must not hide a stall
+                        self._alive(read_timeout + self.cfg.stall_margin)
                 del buf[:start]
                 if self._stopping.is_set():
                     return

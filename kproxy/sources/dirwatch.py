@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from kproxy import log
-from kproxy.sources.files import load_paths
+from kproxy.sources.files import load_paths, manifest_files
 from kproxy.state.model import EndpointSlice, Node, Service
 
 KObject = Service | EndpointSlice | Node
@@ -37,17 +37,14 @@ def _kind(obj: KObject) -> str:
 
 
 def _signature(path: str) -> tuple[tuple[str, int, int], ...]:
+    """Exactly the files load_paths reads, with what tells a change: mtime and size."""
     out: list[tuple[str, int, int]] = []
-    for root, _dirs, files in os.walk(path, followlinks=True):
-        for name in files:
-            if name.endswith((".yaml", ".yml", ".json")):
-                full = os.path.join(root, name)
-                try:
-                    st = os.stat(full)
-                except OSError:
-                    continue
-                out.append((full, st.st_mtime_ns, st.st_size))
-    out.sort()
+    for full in manifest_files(path) if os.path.isdir(path) else [path]:
+        try:
+            st = os.stat(full)
+        except OSError:
+            continue
+        out.append((full, st.st_mtime_ns, st.st_size))
     return tuple(out)
 
 

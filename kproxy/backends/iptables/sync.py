@@ -121,6 +121,7 @@ class SyncEngine:
         self._last_full = -math.inf
         self._last_canary = -math.inf
         self._pending: set[ServicePortName] = set()
+        self._generation: object | None = None
 
     # ---------------------------------------------------------------- public
 
@@ -159,7 +160,7 @@ class SyncEngine:
             reason = "periodic"
         if not reason and now - self._last_canary >= self.canary_interval_s:
             t = time.perf_counter()
-            present = self.restorer.has_chain(self.family, CANARY_KEY[0], CANARY_KEY[1])
+            present = self._canary_present()
             check_s = time.perf_counter() - t
             self._last_canary = now
             if not present:
@@ -173,6 +174,7 @@ class SyncEngine:
                 result = self._partial(view, changed, check_s)
         except RestoreError as exc:
             self._full_reason = "failure"
+            self._generation = None
             if changed is not None:
                 self._pending.update(changed)
             log.error(
@@ -185,6 +187,18 @@ class SyncEngine:
             raise
         self._pending.clear()
         return result
+
+    def _canary_present(self) -> bool:
+        """Skipped (True) when the table provably has not changed since our last write."""
+        if (
+            self._generation is not None
+            and self.restorer.generation(self.family, CANARY_KEY[0]) == self._generation
+        ):
+            return True
+        return self.restorer.has_chain(self.family, CANARY_KEY[0], CANARY_KEY[1])
+
+    def _remember_generation(self) -> None:
+        self._generation = self.restorer.generation(self.family, CANARY_KEY[0])
 
     # --------------------------------------------------------------- partial
 
@@ -257,6 +271,8 @@ class SyncEngine:
                 plan.top[key] = rules
         diff_s = time.perf_counter() - t1
         restores, size, restore_s = self._write(plan)
+        if restores:
+            self._remember_generation()
         for group in plan.groups:
             applied.update(group)
         applied.update(plan.top)
@@ -322,7 +338,8 @@ class SyncEngine:
         wanted: set[ChainKey] = set(plan.top)
         for group in plan.groups:
             wanted.update(group)
-        existing = {(table, name) for table in TABLES for name in self.restorer.chains(self.family, table)}
+        listing = self.restorer.chains(self.family, TABLES)
+        existing = {(table, name) for table, names in listing.items() for name in names}
         plan.deleted = sorted(
             key for key in existing if key[1].startswith(OWNED_PREFIXES) and key not in wanted
         )
@@ -331,6 +348,7 @@ class SyncEngine:
         restores, size, restore_s = self._write(plan)
         t = time.perf_counter()
         inserted = self.restorer.ensure_jumps(self.family, builtin_jumps(cfg))
+        self._remember_generation()
         restore_s += time.perf_counter() - t
         applied: dict[ChainKey, Rules] = dict(plan.top)
         for group in plan.groups:

@@ -18,7 +18,7 @@ from typing import Literal
 
 from kproxy import log
 from kproxy.backends.userspace.balancer import Balancer, Target, is_known_algorithm, parse_algorithm
-from kproxy.backends.userspace.rawtcp import RawTcpService
+from kproxy.backends.userspace.rawtcp import RawTcpService, Reactor
 from kproxy.backends.userspace.sctp import IPPROTO_SCTP, open_listener, sctp_unsupported
 from kproxy.backends.userspace.tcp import DIAL_TIMEOUTS, Gate, Hooks, TcpService
 from kproxy.backends.userspace.udp import UdpService
@@ -78,6 +78,7 @@ class UserspaceProxier:
         self._rng = rng or random.Random()
         self.engine: Engine = engine
         self.splice = splice
+        self._reactor: Reactor | None = None
         self._ports: dict[ServicePortName, _Port] = {}
         self._lock = asyncio.Lock()
 
@@ -159,11 +160,13 @@ class UserspaceProxier:
                         log.warn("userspace_listener_skipped", service=label, protocol="SCTP", reason=reason)
                         return None
                 if self.engine == "raw":
+                    if self._reactor is None:
+                        self._reactor = Reactor(loop)
                     raw = RawTcpService(
                         label,
                         balancer,
                         self.gate,
-                        loop=loop,
+                        self._reactor,
                         proto_number=IPPROTO_SCTP if sctp else 0,
                         dial_timeouts=self.dial_timeouts,
                         splice=self.splice and not sctp,
@@ -248,6 +251,9 @@ class UserspaceProxier:
                     p.raw.abort_all()
             if left:
                 log.warn("userspace_close_aborted", connections=left)
+            if self._reactor is not None:
+                self._reactor.close()
+                self._reactor = None
 
 
 def _listener_key(sp: ServicePort) -> tuple[str, int]:

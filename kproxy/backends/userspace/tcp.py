@@ -237,11 +237,13 @@ class _Client(asyncio.Protocol):
 
     def peer_eof(self, *, upstream: bool) -> bool:
         """Half-close: pass the EOF on and keep the other direction flowing until it ends too."""
+        if self.eofs & (2 if upstream else 1):
+            return True  # uvloop may report the same EOF again after resume_reading
+        self.eofs |= 2 if upstream else 1
         other = self.transport if upstream else self.up_transport
         if other is not None and not other.is_closing() and other.can_write_eof():
             other.write_eof()
-        self.eofs += 1
-        if self.eofs >= 2:
+        if self.eofs == 3:
             if self.transport is not None:
                 self.transport.close()
             if self.up_transport is not None:
@@ -299,7 +301,7 @@ class _Client(asyncio.Protocol):
             if self.early is not None:
                 transport.write(b"".join(self.early))
                 self.early = None
-            if self.eofs and transport.can_write_eof():
+            if self.eofs & 1 and transport.can_write_eof():
                 transport.write_eof()
             if self.transport is not None:
                 self.transport.resume_reading()
