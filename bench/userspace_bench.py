@@ -50,9 +50,9 @@ CLIENT_IP = "10.77.1.2"
 PODS = ("10.77.2.2", "10.77.3.2")
 HTTP_PORT, IPERF_PORT, UDP_PORT = 80, 5201, 9000
 CONTENDERS = ("direct", "dnat", "haproxy", "kproxy")
-VARIANTS = {"kproxy": [], "kproxy-splice": ["--splice"], "kproxy-protocol": ["--engine", "protocol"]}
-"""kproxy: raw-socket engine copying through one buffer (the default); -splice: the same engine moving
-TCP bytes with splice(2); -protocol: the uvloop Protocol/transport engine."""
+VARIANTS = {"kproxy": [], "kproxy-copy": ["--no-splice"], "kproxy-protocol": ["--engine", "protocol"]}
+"""kproxy: the default raw-socket engine (copies through one buffer, splice(2) once a direction is bulk);
+-copy: the same engine never splicing; -protocol: the uvloop Protocol/transport engine."""
 CASES = ("keepalive", "close", "bulk", "udp")
 
 UDP_ECHO = r"""

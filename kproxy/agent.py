@@ -77,7 +77,8 @@ class NodeAgent:
         self.settings = settings
         self.backend = backend
         self.node_ips = node_ips
-        wait = {"Service", "Endpoints" if settings.use_endpoints else "EndpointSlice"}
+        # The Node too: rendering before its pod CIDRs and zone are known means a second full sync.
+        wait = {"Service", "Endpoints" if settings.use_endpoints else "EndpointSlice", "Node"}
         self.tracker = ChangeTracker(node_name=settings.node_name, wait_for=frozenset(wait))
         self.families: tuple[Family, ...] = tuple(f for f in (4, 6) if f in settings.families)
         self.views = {f: FamilyView(f, settings.node_name) for f in self.families}

@@ -31,6 +31,8 @@ class BoundedFrequencyRunner:
         self._wake = asyncio.Event()
         self._last_run: float | None = None
         self._stopped = False
+        self._failures = 0
+        self._retry: asyncio.TimerHandle | None = None
         self.runs = 0
 
     def request(self) -> None:
@@ -39,6 +41,8 @@ class BoundedFrequencyRunner:
 
     def stop(self) -> None:
         self._stopped = True
+        if self._retry is not None:
+            self._retry.cancel()
         self._wake.set()
 
     async def loop(self) -> None:
@@ -57,9 +61,21 @@ class BoundedFrequencyRunner:
             self._last_run = self._clock()
             self.runs += 1
             ok = await self._fn()
-            if not ok:
-                # A failed run is retried after the minimum interval, not at the next change.
-                self._wake.set()
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
+            if ok:
+                self._failures = 0
+            else:
+                # Retried without waiting for a change, backing off from the minimum interval
+                # up to the maximum (kube-proxy waits a whole sync period at once).
+                self._failures += 1
+                delay = self.retry_delay(self._failures)
+                self._retry = asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    def retry_delay(self, failures: int) -> float:
+        base = max(self.min_interval, 0.1)
+        return float(min(self.max_interval, base * 2 ** min(failures - 1, 30)))
 
     def _until_forced(self) -> float:
         if self._last_run is None:

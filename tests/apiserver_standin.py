@@ -273,6 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         limit = int(query.get("limit", "0") or 0)
         token = query.get("continue", "")
+        _field_match(query.get("fieldSelector", ""), {})  # unknown field labels are a 400, objects or not
         if token:
             page = owner._continue_page(token)
             if page is None:

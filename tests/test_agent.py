@@ -60,6 +60,7 @@ def test_first_sync_is_full_then_only_changed_ports_are_passed() -> None:
     a, backend = agent()
     a.tracker.replace("Service", [svc("web"), svc("api", "10.96.0.11")])
     a.tracker.replace("EndpointSlice", [eps("web"), eps("api")])
+    a.tracker.replace("Node", [])
     run(a._sync())
     a.tracker.upsert(eps("api", ("10.244.0.9",)))
     run(a._sync())
@@ -70,6 +71,7 @@ def test_a_failed_sync_loses_no_change_and_health_reports_pending() -> None:
     a, backend = agent()
     a.tracker.replace("Service", [svc("web")])
     a.tracker.replace("EndpointSlice", [eps("web")])
+    a.tracker.replace("Node", [])
     run(a._sync())
     a.tracker.upsert(eps("web", ("10.244.0.7",)))
     a.changed()
@@ -84,6 +86,7 @@ def test_node_change_rebuilds_render_config() -> None:
     a, _backend = agent()
     a.tracker.replace("Service", [svc("web")])
     a.tracker.replace("EndpointSlice", [eps("web")])
+    a.tracker.replace("Node", [])
     run(a._sync())
     assert a._cfgs[4].node_zone == ""
     a.tracker.upsert(replace(Node(name="node-a"), labels=(("topology.kubernetes.io/zone", "z9"),)))

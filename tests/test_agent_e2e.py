@@ -911,9 +911,8 @@ def test_rules_come_back_after_someone_flushes_the_tables(node: Node) -> None:
     api.create(svc_obj("canary", 80))
     api.create(slice_obj("canary", [node.pod(3)], node.topo.node_name))
     node.wait_answer(vip(80), 80, {node.pod(3).name}, agent)
+    agent.wait_event("synced")  # the first sync is complete: no retry of it can repair what follows
     exec_in(node.ns, ["nft", "flush", "ruleset"])
-    print("AFTER FLUSH", time.time(), exec_in(node.ns, ["nft", "list", "ruleset"]).stdout[:500])
-    r = node.hit(vip(80), 80)
-    print("HIT", time.time(), r)
-    assert not r.ok, "premise: with the tables flushed the service is gone"
+    reply = node.hit(vip(80), 80)
+    assert not reply.ok, "premise: with the tables flushed the service is gone"
     node.wait_answer(vip(80), 80, {node.pod(3).name}, agent)

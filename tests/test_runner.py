@@ -69,3 +69,11 @@ def test_a_failed_run_is_retried_without_a_new_request() -> None:
         return seen
 
     assert asyncio.run(asyncio.wait_for(scenario(), 10))[:3] == [False, False, True]
+
+
+def test_retries_back_off_from_the_minimum_to_the_maximum_interval() -> None:
+    async def fn() -> bool:
+        return True
+
+    r = BoundedFrequencyRunner(fn, min_interval=1.0, max_interval=30.0)
+    assert [r.retry_delay(n) for n in (1, 2, 3, 4, 5, 6, 50)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]

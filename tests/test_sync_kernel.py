@@ -133,7 +133,6 @@ class FailOnce:
 
     def __init__(self, inner: CommandRestorer) -> None:
         self.inner = inner
-        self.chunk_chains = inner.chunk_chains
         self.armed = False
 
     def apply(self, family: Family, payload: str, noflush: bool = True) -> None:

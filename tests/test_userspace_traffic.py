@@ -157,9 +157,9 @@ Body = Callable[[UserspaceProxier, list[TcpServer]], Awaitable[None]]
 
 
 ENGINES: dict[str, dict[str, Any]] = {
-    "raw": {"engine": "raw"},
+    "raw": {"engine": "raw", "splice": False},
     "raw-splice": {"engine": "raw", "splice": True},
-    "protocol": {"engine": "protocol"},
+    "protocol": {"engine": "protocol", "splice": False},
 }
 
 
@@ -453,3 +453,93 @@ def test_client_speaks_first_and_closes_before_dial_completes(engine: dict[str, 
             w.close()
 
     with_proxier(body, engine)
+
+
+def test_bulk_both_ways_with_a_slow_reader_keeps_every_byte(
+    engine: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 MiB echoed through the proxy while the client reads slowly at first: back-pressure
+    must hold bytes rather than drop or reorder them (and, with splicing, the bulk path is used)."""
+    payload = os.urandom(1 << 20) * 8
+    spliced = [0]
+    real_splice = os.splice
+
+    def counting_splice(*args: Any, **kw: Any) -> int:
+        spliced[0] += 1
+        return real_splice(*args, **kw)
+
+    monkeypatch.setattr(os, "splice", counting_splice)
+
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        await p.sync(view([servers[0].endpoint]))
+        port = p.port_of(spn())
+        assert port
+        before = fd_count()
+        r, w, _ = await connect(port)
+
+        async def send() -> None:
+            for i in range(0, len(payload), 1 << 18):
+                w.write(payload[i : i + (1 << 18)])
+                await w.drain()
+            w.write_eof()
+
+        sender = asyncio.create_task(send())
+        await asyncio.sleep(0.2)  # let every buffer on the way fill up
+        got = await r.readexactly(len(payload))
+        assert got == payload
+        assert await r.readline() == b"bye\n"
+        await sender
+        w.close()
+        await w.wait_closed()
+        await until(lambda: p.open_connections == 0 and not servers[0].conns)
+        assert fd_count() <= before
+        assert (spliced[0] > 0) == bool(engine.get("splice"))
+
+    with_proxier(body, engine)
+
+
+def test_ipv6_tcp_and_udp() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        servers = []
+        for n in ("v0", "v1"):
+            srv = TcpServer(n)
+            srv.server = await loop.create_server(lambda srv=srv: TcpBackend(srv), "::1", 0)  # type: ignore[misc]
+            srv.port = srv.server.sockets[0].getsockname()[1]
+            servers.append(srv)
+        udp_t, _ = await loop.create_datagram_endpoint(lambda: UdpBackend("u6"), local_addr=("::1", 0))
+        tcp_name, udp_name = spn(), spn(proto="UDP")
+        view6 = {
+            tcp_name: (
+                ServicePort(tcp_name, 6, "fd00:96::a", 80),
+                tuple(Endpoint("::1", s.port) for s in servers),
+            ),
+            udp_name: (
+                ServicePort(udp_name, 6, "fd00:96::a", 53),
+                (Endpoint("::1", udp_t.get_extra_info("sockname")[1]),),
+            ),
+        }
+        p = UserspaceProxier(family=6, bind_ip="::1")
+        try:
+            await p.sync(view6)
+            port = p.port_of(tcp_name)
+            assert port
+            names = set()
+            for _ in range(4):
+                r, w = await asyncio.open_connection("::1", port)
+                names.add((await r.readline()).strip())
+                w.close()
+            assert names == {b"v0", b"v1"}
+            c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            c.setblocking(False)
+            c.connect(("::1", p.port_of(udp_name)))
+            c.send(b"q")
+            assert await loop.sock_recv(c, 100) == b"u6:q"
+            c.close()
+        finally:
+            await p.close(deadline=0.5)
+            for s in servers:
+                s.kill()
+            udp_t.close()
+
+    run(main())

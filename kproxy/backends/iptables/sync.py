@@ -40,6 +40,10 @@ from kproxy.state.model import Endpoint, ServicePort, ServicePortName
 View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 Rules = tuple[str, ...]
 CANARY_KEY: ChainKey = ("nat", CANARY)
+TRUST_APPLIED = frozenset({"periodic", "requested", "config"})
+"""Full syncs whose kernel state is known (the canary stands, no restore failed): stale
+chains are found in what was applied, not by listing the kernel (a second at 10,000
+services on nft). At start, after a failure and after a flush, the kernel is listed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +176,9 @@ class SyncEngine:
             else:
                 assert changed is not None
                 result = self._partial(view, changed, check_s)
-        except RestoreError as exc:
+        except Exception as exc:
+            # Whatever broke (a refused payload, a timeout, a missing binary), the kernel's
+            # state is no longer known exactly: start over from the view next time.
             self._full_reason = "failure"
             self._generation = None
             if changed is not None:
@@ -180,7 +186,7 @@ class SyncEngine:
             log.error(
                 "iptables_restore_failed",
                 family=self.family,
-                line=exc.line,
+                line=exc.line if isinstance(exc, RestoreError) else None,
                 pending=len(self._pending),
                 error=str(exc),
             )
@@ -338,8 +344,11 @@ class SyncEngine:
         wanted: set[ChainKey] = set(plan.top)
         for group in plan.groups:
             wanted.update(group)
-        listing = self.restorer.chains(self.family, TABLES)
-        existing = {(table, name) for table, names in listing.items() for name in names}
+        if reason in TRUST_APPLIED:
+            existing = set(self._applied)
+        else:
+            listing = self.restorer.chains(self.family, TABLES)
+            existing = {(table, name) for table, names in listing.items() for name in names}
         plan.deleted = sorted(
             key for key in existing if key[1].startswith(OWNED_PREFIXES) and key not in wanted
         )
@@ -388,7 +397,7 @@ class SyncEngine:
         created empty, then per-port chains (whole
         ports per chunk), then the top-level chains that jump to them, then the chains to
         delete are flushed (dropping their references to each other), then deleted."""
-        limit = self.restorer.chunk_chains
+        limit = self.restorer.chunk_limit(max(len(self._applied), plan.written))
         if not limit or plan.written + len(plan.deleted) <= limit:
             merged: dict[ChainKey, Rules] = {}
             for group in plan.groups:

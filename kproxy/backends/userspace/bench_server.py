@@ -74,7 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-connections", type=int, default=100_000)
     ap.add_argument("--udp-idle-timeout", type=float, default=5.0)
     ap.add_argument("--engine", choices=("raw", "protocol"), default="raw")
-    ap.add_argument("--splice", action="store_true", help="raw engine: move TCP bytes with splice(2)")
+    ap.add_argument(
+        "--splice",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="raw engine: move bulk TCP bytes with splice(2) (default on)",
+    )
     ap.add_argument("--exit-on-stdin-eof", action="store_true")
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)

@@ -65,10 +65,11 @@ class UserspaceProxier:
         hooks: Hooks | None = None,
         rng: random.Random | None = None,
         engine: Engine = "raw",
-        splice: bool = False,
+        splice: bool = True,
     ) -> None:
         """`engine` "raw" forwards on plain sockets (fastest here), "protocol" on uvloop
-        transports; `splice` (raw only) moves TCP bytes with splice(2) instead of recv/send."""
+        transports; `splice` (raw only) lets a direction that proves to be bulk move its bytes with
+        splice(2) instead of recv/send."""
         self.family: Family = family
         self.bind_ip = bind_ip if bind_ip is not None else ("0.0.0.0" if family == 4 else "::")
         self.udp_idle_timeout = udp_idle_timeout

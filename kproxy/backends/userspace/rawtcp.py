@@ -1,18 +1,19 @@
-"""TCP (and one-to-one SCTP) forwarding on plain non-blocking sockets: the fast engine.
+"""TCP (and one-to-one SCTP) forwarding on plain non-blocking sockets: the default engine.
 
 Same job and same policy as `tcp.py` (dial timeouts, next endpoint on failure,
 half-close, connection limit, drain), built for connection rate as well as bytes:
 
 - One edge-triggered epoll set (`Reactor`) holds every proxied socket and is watched by
-  the event loop as a single descriptor. A socket is registered once, for reading and
-  writing, and leaves the set when it is closed: about two epoll_ctl calls per proxied
-  connection, where per-socket `add_reader`/`add_writer` cost fourteen (libuv and
-  uvloop each remove a descriptor on every stop), measured with strace on this VM.
+  the event loop as a single descriptor. A socket is registered once and leaves the set
+  when it is closed; writability is watched only while connecting or while a peer is
+  slow. That is three epoll_ctl calls per proxied connection, where per-socket
+  `add_reader`/`add_writer` cost fourteen (libuv and uvloop each remove a descriptor
+  on every stop), counted with strace on this VM.
 - No Task, future or transport per connection: a connect is `connect_ex` plus the
   socket's first writable edge; dial timeouts share one ticking timer per service.
 - Bytes move with `recv_into` a shared buffer and `send`, so nothing is allocated per
-  chunk unless the peer is slow; or, with `splice=True`, socket -> pipe -> socket with
-  `os.splice`, never entering Python.
+  chunk unless the peer is slow; a direction that proves to be bulk switches to
+  socket -> pipe -> socket `os.splice` (when `splice` is on), never entering Python.
 
 Back-pressure is explicit: when `send` takes less than was read, the rest is kept,
 reading from that source stops, and the destination's next writable edge resumes it.
@@ -24,6 +25,7 @@ import _socket
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import select
 import socket
@@ -39,9 +41,14 @@ _BUF_SIZE: Final = 256 * 1024
 _BUF = bytearray(_BUF_SIZE)
 _VIEW = memoryview(_BUF)
 _ACCEPT_BURST: Final = 256
+_ACCEPT_BACKOFF: Final = 0.1
 _POLL_BATCH: Final = 1024
 _LINGER0: Final = struct.pack("ii", 1, 0)
 _SPLICE_CHUNK: Final = 1 << 20
+_SPLICE_AT: Final = 64 * 1024
+"""A direction switches from copying to splice(2) once a single read returns this much: bulk, not chat."""
+_PIPE_SIZE: Final = 1 << 20
+_F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _SHUT_WR: Final = socket.SHUT_WR
 _SOCK_STREAM: Final = socket.SOCK_STREAM
@@ -118,7 +125,13 @@ class Reactor:
             for fd, ev in self.ep.poll(0, _POLL_BATCH):
                 h = handlers.get(fd)
                 if h is not None:
-                    h(ev)
+                    try:
+                        h(ev)
+                    except Exception as e:  # one broken connection must not cost the batch its edges
+                        log.error("userspace_handler_failed", fd=fd, error=repr(e))
+                        owner = getattr(h, "__self__", None)
+                        if isinstance(owner, _Conn):
+                            owner.abort()
         finally:
             self._dispatching = False
             if self._closing:
@@ -232,8 +245,11 @@ class RawTcpService:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                # EMFILE/ENFILE: the kernel queue keeps the connection; try again on the next wakeup.
+                # EMFILE/ENFILE: the kernel queue keeps the connection; stop watching the
+                # (level-triggered) listener for a moment rather than spin on it.
                 log.warn("userspace_accept_failed", service=self.name, error=repr(e))
+                self.reactor.watch(self.lfd, 0)
+                self.loop.call_later(_ACCEPT_BACKOFF, self._resume_accept)
                 return
             c = Sock(family, _SOCK_STREAM, proto, fd)
             if gate.open >= gate.limit:
@@ -246,6 +262,10 @@ class RawTcpService:
             self.conns.add(conn)
             conn.dial()
 
+    def _resume_accept(self) -> None:
+        if self.lsock is not None:
+            self.reactor.watch(self.lfd, select.EPOLLIN)
+
 
 def _reset(s: Sock) -> None:
     with contextlib.suppress(OSError):
@@ -254,11 +274,29 @@ def _reset(s: Sock) -> None:
 
 
 class _Half:
-    """One direction of a connection: read from `src`, write to `dst`. Edge-triggered:
-    reads run until the socket is drained, and a paused direction retries reading as soon
-    as it resumes, since the edge it missed will not come again."""
+    """One direction of a connection: read from `src`, write to `dst`.
 
-    __slots__ = ("conn", "dfd", "done", "dst", "eof", "peer", "pending", "reactor", "sfd", "src")
+    Edge-triggered: reads run until the socket is drained, and a paused direction retries
+    reading as soon as it resumes, since the edge it missed will not come again. Bytes are
+    copied through the shared buffer until the direction proves to be bulk (one read fills
+    `_SPLICE_AT`), then, when splicing is allowed, they move socket -> pipe -> socket with
+    splice(2): request/response traffic never pays for a pipe, bulk never enters Python."""
+
+    __slots__ = (
+        "conn",
+        "dfd",
+        "done",
+        "dst",
+        "eof",
+        "in_pipe",
+        "peer",
+        "pending",
+        "pr",
+        "pw",
+        "reactor",
+        "sfd",
+        "src",
+    )
 
     def __init__(self, conn: _Conn, src: Sock, dst: Sock) -> None:
         self.conn = conn
@@ -268,13 +306,19 @@ class _Half:
         self.sfd = src.fileno()
         self.dfd = dst.fileno()
         self.pending: bytes | None = None
+        """Bytes read but not yet written (copy mode); b"" marks a paused splice."""
         self.eof = False
         self.done = False
         self.peer: _Half | None = None
+        self.pr = self.pw = -1
+        self.in_pipe = 0
 
     def readable(self, ev: int = _ENDING) -> None:
         """Read until drained. A short read counts as drained unless the event also
         reported the peer's FIN or an error, which must be read to be seen."""
+        if self.pr >= 0:
+            self._splice_readable()
+            return
         recv_into, send = self.src.recv_into, self.dst.send
         short_ok = not ev & _ENDING
         while self.pending is None and not self.eof:
@@ -299,12 +343,62 @@ class _Half:
                 self.pending = _VIEW[sent:n].tobytes()
                 self.reactor.watch(self.dfd, _RDWR)
                 return
+            if n >= _SPLICE_AT and self.conn.svc.splice and self._to_splice():
+                self._splice_readable()
+                return
             if n < _BUF_SIZE and short_ok:
                 return  # a short read drained the socket; new data brings a new edge
+
+    def _to_splice(self) -> bool:
+        try:
+            self.pr, self.pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:  # out of descriptors: keep copying
+            log.debug("userspace_splice_unavailable", service=self.conn.svc.name, error=repr(e))
+            return False
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.pw, _F_SETPIPE_SZ, _PIPE_SIZE)
+        return True
+
+    def _splice_readable(self) -> None:
+        while self.pending is None and not self.eof:
+            try:
+                n = os.splice(self.sfd, self.pw, _SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.conn.abort()
+                return
+            if not n:
+                self.on_eof()
+                return
+            self.in_pipe += n
+            if not self._drain():
+                return
+
+    def _drain(self) -> bool:
+        """Move what the pipe holds to the socket; False (paused, or aborted) if it cannot finish."""
+        while self.in_pipe:
+            try:
+                n = os.splice(self.pr, self.dfd, self.in_pipe, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                if self.pending is None:
+                    self.reactor.watch(self.dfd, _RDWR)
+                self.pending = b""
+                return False
+            except OSError:
+                self.conn.abort()
+                return False
+            self.in_pipe -= n
+        return True
 
     def writable(self) -> None:
         pending = self.pending
         if pending is None:
+            return
+        if self.pr >= 0:
+            if self._drain():
+                self.pending = None
+                self.resume()
             return
         try:
             sent = self.dst.send(pending)
@@ -344,59 +438,6 @@ class _Half:
             self.dst.shutdown(_SHUT_WR)
 
     def stop(self) -> None:
-        return None
-
-
-class _SpliceHalf(_Half):
-    """A direction that moves bytes socket -> pipe -> socket with splice(2), never through Python."""
-
-    __slots__ = ("in_pipe", "pr", "pw")
-
-    def __init__(self, conn: _Conn, src: Sock, dst: Sock) -> None:
-        super().__init__(conn, src, dst)
-        self.pr, self.pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.in_pipe = 0
-
-    def readable(self, ev: int = _ENDING) -> None:
-        while self.pending is None and not self.eof:
-            try:
-                n = os.splice(self.sfd, self.pw, _SPLICE_CHUNK, flags=_SPLICE_FLAGS)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.conn.abort()
-                return
-            if not n:
-                self.on_eof()
-                return
-            self.in_pipe += n
-            if not self._drain():
-                return
-
-    def _drain(self) -> bool:
-        """Move what the pipe holds to the socket; False (paused) if the socket would block."""
-        while self.in_pipe:
-            try:
-                n = os.splice(self.pr, self.dfd, self.in_pipe, flags=_SPLICE_FLAGS)
-            except (BlockingIOError, InterruptedError):
-                if self.pending is None:
-                    self.reactor.watch(self.dfd, _RDWR)
-                self.pending = b""
-                return False
-            except OSError:
-                self.conn.abort()
-                return False
-            self.in_pipe -= n
-        return True
-
-    def writable(self) -> None:
-        if self.pending is None:
-            return
-        if self._drain():
-            self.pending = None
-            self.resume()
-
-    def stop(self) -> None:
         if self.pr >= 0:
             os.close(self.pr)
             os.close(self.pw)
@@ -406,7 +447,19 @@ class _SpliceHalf(_Half):
 class _Conn:
     """One proxied connection: the accepted socket, the dial, then two `_Half`s."""
 
-    __slots__ = ("attempt", "c", "c2u", "client_ev", "client_ip", "closed", "svc", "target", "tried", "u", "u2c")
+    __slots__ = (
+        "attempt",
+        "c",
+        "c2u",
+        "client_ev",
+        "client_ip",
+        "closed",
+        "svc",
+        "target",
+        "tried",
+        "u",
+        "u2c",
+    )
 
     def __init__(self, svc: RawTcpService, c: Sock, client_ip: str) -> None:
         self.svc = svc
@@ -539,21 +592,7 @@ class _Conn:
         if svc.nodelay:
             with contextlib.suppress(OSError):
                 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        c2u: _Half
-        u2c: _Half
-        if svc.splice:
-            try:
-                c2u = _SpliceHalf(self, c, u)
-                try:
-                    u2c = _SpliceHalf(self, u, c)
-                except OSError:
-                    c2u.stop()
-                    raise
-            except OSError as e:  # out of descriptors for the pipes: copy instead
-                log.warn("userspace_splice_unavailable", service=svc.name, error=repr(e))
-                c2u, u2c = _Half(self, c, u), _Half(self, u, c)
-        else:
-            c2u, u2c = _Half(self, c, u), _Half(self, u, c)
+        c2u, u2c = _Half(self, c, u), _Half(self, u, c)
         c2u.peer, u2c.peer = u2c, c2u
         self.c2u, self.u2c = c2u, u2c
         if self.client_ev & _IN:

@@ -1,4 +1,8 @@
-"""TCP (and one-to-one SCTP) forwarding: accept, dial an endpoint, pump bytes both ways.
+"""TCP (and one-to-one SCTP) forwarding on uvloop transports: the Protocol engine.
+
+Selected with `UserspaceProxier(engine="protocol")`; the default engine is `rawtcp`,
+which this VM measured cheaper per connection (see bench/RESULTS-userspace.md). Both
+share `Gate` and `Hooks` from here and the same dialing policy.
 
 Built on asyncio Protocols rather than streams: a stream proxy pays for a reader task,
 a buffer object and two awaits per chunk, a Protocol pair pays one method call and one
@@ -6,9 +10,6 @@ a buffer object and two awaits per chunk, a Protocol pair pays one method call a
 an `_Upstream` protocol forwards the other way. Back-pressure is the transports' own:
 when one side's write buffer passes the high-water mark its protocol gets
 `pause_writing` and stops reading the *other* side until the buffer drains.
-
-The connection limit, dial policy and hooks are shared by every service port of a
-proxier through `Gate` and `Hooks`.
 """
 
 from __future__ import annotations
