@@ -7,11 +7,12 @@ lists them through the real `kubernetes` client in several ways, printing object
   models+dict     the same, then sanitize_for_serialization() back to dicts (what a parser of
                   API-shaped dicts would need)
   raw+json        _preload_content=False + json.loads (what kproxy.sources.apiwatch does)
-  raw+orjson      the same with orjson, when installed
+  raw+orjson      the same with orjson, when installed (it is not a dependency: no gain end to end)
   decode-only     the same decoders on bytes already in memory (no HTTP), to separate costs;
                   "gc paused" runs them with the cyclic GC disabled (it rescans the growing result)
   parse           kproxy.state.parse.parse_object_all on the decoded dicts
-  ApiSource       kproxy.sources.apiwatch end to end: start until every first list is delivered
+  ApiSource       kproxy.sources.apiwatch end to end: start until every first list is delivered,
+                  as shipped (GC paused per list page) and with the pause switched off
 
 Run:  PYTHONPATH=. /tmp/venv/bin/python bench/decode_bench.py [--count 10000] [--repeat 3]
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import multiprocessing as mp
@@ -157,6 +159,27 @@ async def _first_sync(url: str) -> tuple[float, int]:
     return secs, n
 
 
+def _source_rows(url: str, repeat: int) -> list[tuple[str, str, float, int]]:
+    """ApiSource as shipped, and with its GC pause switched off, runs interleaved against noise."""
+    import kproxy.sources.apiwatch as aw
+
+    shipped = aw._gc_paused
+    best: dict[str, tuple[float, int]] = {}
+    try:
+        for _ in range(repeat):
+            for label, pause in (
+                ("ApiSource start -> synced", shipped),
+                ("  same, GC not paused", contextlib.nullcontext),
+            ):
+                aw._gc_paused = pause  # type: ignore[assignment]
+                secs, n = asyncio.run(_first_sync(url))
+                if secs < best.get(label, (float("inf"), 0))[0]:
+                    best[label] = (secs, n)
+    finally:
+        aw._gc_paused = shipped
+    return [("both", label, secs, n) for label, (secs, n) in best.items()]
+
+
 def _serve(count: int, conn: Any) -> None:
     with ApiServerStandIn() as api:
         t0 = time.perf_counter()
@@ -202,8 +225,7 @@ def main() -> None:
         rows: list[tuple[str, str, float, int]] = []
         for res, call, rtype in calls:
             rows.extend(_measure(res, call, rtype, c, args.repeat, orjson_loads))
-        for _ in range(args.repeat):
-            rows.append(("both", "ApiSource start -> synced", *asyncio.run(_first_sync(url))))
+        rows.extend(_source_rows(url, args.repeat))
     finally:
         parent.send("stop")
         server.join(10)

@@ -510,3 +510,26 @@ def test_no_cluster_config_is_refused_naming_the_option(
     with pytest.raises(ConfigError, match="--kubeconfig"):
         make_api_client(kubeconfig=str(tmp_path / "missing"))
     assert make_api_client(master="http://127.0.0.1:1/").configuration.host == "http://127.0.0.1:1"
+
+
+# ------------------------------------------------------------------ the mirror (no network)
+
+
+def _svc(name: str, ip: str, rv: str = "1") -> Service:
+    return Service("default", name, "ClusterIP", (ip,), (), resource_version=rv)
+
+
+def test_mirror_reports_only_real_changes() -> None:
+    m = SourceMirror()
+    a, b = svc_ref("a"), svc_ref("b")
+    first = m.apply(SourceEvent("listed", "services", items={a: (_svc("a", "10.0.0.1"),)}, initial=True))
+    assert [(c.ref, c.old) for c in first] == [(a, ())]
+    assert m.listed(["services"]) and not m.listed(["services", "nodes"])
+    assert m.apply(SourceEvent("upsert", "services", a, (_svc("a", "10.0.0.1", rv="2"),))) == []
+    assert m.apply(SourceEvent("delete", "services", b)) == []
+    relist = m.apply(SourceEvent("listed", "services", items={b: (_svc("b", "10.0.0.2"),)}))
+    assert sorted((c.ref.name, bool(c.old), bool(c.new)) for c in relist) == [
+        ("a", True, False),
+        ("b", False, True),
+    ]
+    assert [o.name for o in m.objects()] == ["b"]

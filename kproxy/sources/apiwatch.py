@@ -10,8 +10,8 @@ small state machine in its own thread, because the `kubernetes` client blocks:
                                                      └ error ──► back off (exponential, jitter) ──► watch again
 
 The client is used for transport, auth and config only: responses are read raw
-(`_preload_content=False`) and decoded with json into dicts for `parse_object_all`, which is
-several times cheaper than the client's model classes (bench/decode_bench.py measures it).
+(`_preload_content=False`) and decoded with json into dicts for `parse_object_all`, about ten
+times cheaper than the client's model classes (bench/decode_bench.py measures it).
 
 A stream can never stall silently: the socket read timeout is the server-side watch timeout plus a
 margin, and a watchdog on the event loop cuts any request that has shown no sign of life for
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import random
 import threading
@@ -35,12 +36,8 @@ from kproxy.errors import ConfigError, ObjectError, SourceError
 from kproxy.state.model import ObjectRef
 from kproxy.state.parse import Parsed, parse_object_all
 
-try:
-    import orjson
-
-    _loads: Callable[[bytes], Any] = orjson.loads
-except ImportError:  # pragma: no cover - optional speed-up
-    _loads = json.loads
+_loads: Callable[[bytes], Any] = json.loads
+"""orjson measured no faster end to end here (bench/decode_bench.py); pausing the GC was what paid."""
 
 Resource = Literal["services", "endpointslices", "endpoints", "nodes"]
 EventKind = Literal["listed", "upsert", "delete"]
@@ -88,6 +85,7 @@ class SourceMirror:
 
     def __init__(self) -> None:
         self._by: dict[Resource, dict[ObjectRef, tuple[Parsed, ...]]] = {}
+        self._listed: set[Resource] = set()
 
     def apply(self, ev: SourceEvent) -> list[Change]:
         table = self._by.setdefault(ev.resource, {})
@@ -97,8 +95,10 @@ class SourceMirror:
                 Change(ref, table.get(ref, ()), new) for ref, new in ev.items.items() if table.get(ref) != new
             )
             self._by[ev.resource] = dict(ev.items)
+            self._listed.add(ev.resource)
             return changes
-        assert ev.ref is not None
+        if ev.ref is None:
+            return []
         old = table.get(ev.ref, ())
         if ev.kind == "upsert":
             if old == ev.objects:
@@ -111,7 +111,7 @@ class SourceMirror:
         return [Change(ev.ref, old, ())]
 
     def listed(self, resources: Sequence[Resource]) -> bool:
-        return all(r in self._by for r in resources)
+        return self._listed.issuperset(resources)
 
     def objects(self) -> Iterator[Parsed]:
         for table in self._by.values():
@@ -171,6 +171,35 @@ class WatchStats:
     events: int = 0
     skipped: int = 0
     resource_version: str = ""
+
+
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_restore = False
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold the cyclic GC off while a list page is decoded and parsed.
+
+    A page makes tens of thousands of fresh containers, none in a cycle; with the collector on,
+    they trigger repeated passes that rescan young objects and, now and then, the whole heap
+    (bench/decode_bench.py: about 3x on EndpointSlices). Reference counting still frees
+    everything; the collector runs again as soon as the last page is done.
+    """
+    global _gc_pausers, _gc_restore
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_restore = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_restore:
+                gc.enable()
 
 
 class _Gone(Exception):
@@ -389,16 +418,18 @@ class _Watcher:
             )
             self._set_inflight(resp, time.monotonic() + budget)
             try:
-                doc = _loads(resp.data)
+                body = resp.data
             finally:
                 self._set_inflight(None, float("inf"))
                 resp.release_conn()
-            for obj in doc.get("items") or ():  # parsed page by page: the raw pages never pile up
-                obj.setdefault("kind", self.spec.kind)
-                obj.setdefault("apiVersion", self.spec.api_version)
-                ref, parsed = self._parse(obj)
-                if ref is not None and parsed:
-                    items[ref] = parsed
+            with _gc_paused():
+                doc = _loads(body)
+                for obj in doc.get("items") or ():  # parsed page by page: the raw pages never pile up
+                    obj.setdefault("kind", self.spec.kind)
+                    obj.setdefault("apiVersion", self.spec.api_version)
+                    ref, parsed = self._parse(obj)
+                    if ref is not None and parsed:
+                        items[ref] = parsed
             meta = doc.get("metadata") or {}
             cont = meta.get("continue") or None
             if not cont:
