@@ -433,6 +433,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
             ys = [get(r) for r in rows]
             style = "--" if label.startswith("floor") else ":" if label == "full rewrite" else "-"
             ax.plot(xs, [y if y is not None else float("nan") for y in ys], style, marker="o", label=label)
+        for r in rows:
+            if r.get("full_rewrite_timeout"):
+                ax.annotate(
+                    "timed out: a lower bound", (r["services"], r["full_rewrite_timeout"]), fontsize=8
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("services (x 10 endpoints)")

@@ -488,6 +488,20 @@ def _median(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict
     return out
 
 
+NOTES = """## How to read this
+
+- Same namespaces, same load, same run for every contender: client ns -> node ns -> two pod ns
+  (nginx 1 worker each, iperf3 server in pod 1, a Python UDP echo in each pod). wrk -t1 -c50,
+  iperf3 one stream (to pod 1 only: its control and data connections must meet), UDP: 16
+  client sockets, one 64-byte datagram in flight each. HAProxy has no UDP proxying.
+- `kproxy` is the default engine (raw sockets, own edge-triggered epoll set, splice(2) once a
+  direction is bulk); `kproxy-copy` never splices; `kproxy-protocol` is the uvloop
+  Protocol/transport engine. `dnat` is kernel NAT with kproxy's iptables-mode rule shapes.
+- The machine is 2 shared vCPUs with other work running: absolute numbers move a lot between
+  runs, ratios within one run much less, and the proxy's CPU per request (from
+  /proc/PID/stat around each case) least of all.
+"""
+
 METRIC = {
     "keepalive": ("rate", "req/s"),
     "close": ("rate", "conn/s"),
@@ -540,6 +554,7 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets (printed, not asserted)", ""]
     lines += [f"- {t}" for t in targets(med)]
+    lines += ["", NOTES]
     return "\n".join(lines) + "\n"
 
 
@@ -591,9 +606,8 @@ def chart(result: dict[str, Any], path: Path) -> bool:
         ax.tick_params(axis="x", labelrotation=30)
         for b, v in zip(bars, vals, strict=True):
             if v:
-                ax.annotate(
-                    f"{v:,.3g}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8
-                )
+                label = f"{v:.2f}" if key == "gbps" else f"{v / 1000:.1f}k"
+                ax.annotate(label, (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
     fig.suptitle("kproxy userspace vs kernel DNAT and HAProxy (same namespaces, same load)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -40,3 +40,13 @@ def with_endpoints(entry: PortEntry, count: int, first: int = 0) -> PortEntry:
     sp, _ = entry
     idx = int(sp.name.name.rsplit("-", 1)[1])
     return sp, endpoints(idx, count, first)
+
+
+def cluster6(services: int, eps: int) -> View:
+    """The same shape in IPv6."""
+    out: View = {}
+    for i in range(services):
+        sp = ServicePort(port_name(i), 6, f"fd00:96::{i + 1:x}", 80, node_port=30000 + i if i % 2 else 0)
+        ends = [Endpoint(f"fd00:244::{i:x}:{j + 1:x}", 8080) for j in range(eps)]
+        out[sp.name] = (sp, tuple(sorted(ends, key=lambda e: e.hostport)))
+    return out

@@ -239,6 +239,10 @@ def test_random_partial_syncs_match_a_fresh_full_sync(chunk: int | None) -> None
                 changed.add(victim)
         engine.sync(view, changed)
         assert kernel(fake) == fresh_state(view, chunk)
+        recount = {"nat": 0, "filter": 0}
+        for (table, _), rules in engine.applied.items():
+            recount[table] += len(rules)
+        assert dict(engine.rule_counts) == recount
     if chunk:
         assert any(len(declared(p)) <= chunk for _, p in fake.payloads)
 
@@ -366,3 +370,20 @@ def test_canary_check_is_skipped_only_while_nobody_else_touched_the_table() -> N
     fake.gen += 1  # someone else changed the table
     result = engine.sync(view, set())
     assert fake.checks == 1 and result.reason == "canary"
+
+
+def test_periodic_full_sync_skips_jump_check_only_while_tables_are_untouched() -> None:
+    now = [0.0]
+    fake = CountingChecks()
+    engine = SyncEngine(CFG, fake, full_sync_interval_s=10, clock=lambda: now[0])
+    view = cluster(3, 1)
+    engine.sync(view, set())
+    assert fake.jump_calls == 1
+    now[0] = 10.0
+    assert engine.sync(view, set()).reason == "periodic"
+    assert fake.jump_calls == 1
+    fake.tables[(4, "nat")]["PREROUTING"].clear()  # someone else rewrote a built-in chain
+    fake.gen += 1
+    now[0] = 20.0
+    result = engine.sync(view, set())
+    assert fake.jump_calls == 2 and result.jumps_inserted == 1

@@ -20,7 +20,7 @@ from kproxy.config import RenderConfig
 from kproxy.errors import RestoreError
 from kproxy.state.model import Family
 from tests.netns import create_netns, delete_netns, netns_guard
-from tests.sync_cases import View, cluster, port_name, service, with_endpoints
+from tests.sync_cases import View, cluster, cluster6, port_name, service, with_endpoints
 
 pytestmark = pytest.mark.privileged
 __all__ = ["netns_guard"]
@@ -206,3 +206,20 @@ def test_unchanged_partial_sync_runs_no_restore(namespaces: tuple[str, str], bac
     engine.sync(view, None)
     result = engine.sync(view, {port_name(0)})
     assert not result.full and result.restores == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ipv6_partial_syncs_and_flush_repair(namespaces: tuple[str, str], backend: Backend) -> None:
+    work, ref = namespaces
+    cfg = RenderConfig(family=6, node_name="node-a", cluster_cidr=("fd00:244::/48",))
+    engine = SyncEngine(cfg, CommandRestorer(backend, netns=work))
+    view = cluster6(4, 2)
+    assert engine.sync(view, None).full
+    view[port_name(1)] = (view[port_name(1)][0], view[port_name(1)][1][:1])
+    del view[port_name(2)]
+    assert not engine.sync(view, {port_name(1), port_name(2)}).full
+    in_ns(work, f"ip6tables-{backend}", "-w", "-t", "nat", "-F", "KUBE-SERVICES")
+    in_ns(work, f"ip6tables-{backend}", "-w", "-t", "nat", "-X", "KUBE-PROXY-CANARY")
+    assert engine.sync(view, set()).reason == "canary"
+    SyncEngine(cfg, CommandRestorer(backend, netns=ref)).sync(view, None)
+    assert tables(work, backend, 6) == tables(ref, backend, 6)

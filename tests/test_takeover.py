@@ -283,15 +283,6 @@ def test_takeover_computes_kube_proxys_rules(takeover: Takeover) -> None:
     assert changed == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kproxy's first sync is full and rewrites every chain it owns, though its rules equal "
-    "kube-proxy's (test_takeover_computes_kube_proxys_rules). Adopting them needs SyncEngine._full "
-    "to read each table once (iptables-save), normalise both sides to one form (save's match order, "
-    "/32 and /128 hosts, quoted comments, REJECT's default icmp type, probabilities as the kernel's "
-    "fixed point) and leave out of the payload every own chain whose rules already match, while "
-    "still recording them as applied.",
-)
 def test_takeover_rewrites_no_per_service_chain(takeover: Takeover) -> None:
     assert set(takeover.counters_after) == set(takeover.counters_before), "same per-service chains"
     rewritten: list[str] = []

@@ -149,3 +149,20 @@ def test_configure_turns_affinity_off() -> None:
     b.configure(algorithm="round-robin", affinity_timeout=0)
     assert b.affinity_of("c") is None
     assert len(set(picks(b, 2, "c"))) == 2
+
+
+def test_failed_endpoint_cools_down_while_others_remain() -> None:
+    clock = FakeClock()
+    b = Balancer([A, B, C], cooldown=2.0, clock=clock, rng=random.Random(0))
+    b.failed("c", A)
+    assert A not in picks(b, 6)
+    clock.now += 2.5
+    assert A in picks(b, 3)
+
+
+def test_cooldown_never_leaves_nothing_to_try() -> None:
+    clock = FakeClock()
+    b = Balancer([A, B], cooldown=2.0, clock=clock, rng=random.Random(0))
+    b.failed("c", A)
+    b.failed("c", B)
+    assert set(picks(b, 2)) == {A, B}

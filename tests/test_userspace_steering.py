@@ -31,7 +31,7 @@ from kproxy.backends.userspace.steering import (
     render_all,
     render_port,
 )
-from kproxy.state.model import Endpoint, ServicePort, ServicePortName
+from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
 from tests.netns import Topology, entered, netns_guard, request
 
 __all__ = ["netns_guard"]
@@ -158,33 +158,41 @@ def node2(netns_guard: None) -> Iterator[Topology]:
         yield topo
 
 
+CLUSTER_IP: dict[Family, str] = {4: "10.96.0.10", 6: "fd00:10:96::a"}
+
+
 @pytest.mark.privileged
-def test_steering_sends_service_traffic_through_the_proxier(node2: Topology) -> None:
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_steering_sends_service_traffic_through_the_proxier(node2: Topology, family: Family) -> None:
     topo = node2
     pods = topo.pod_hosts
-    eps = tuple(Endpoint(p.ipv4, 8080) for p in pods)
-    web = ServicePort(WEB, 4, "10.96.0.10", 80, node_port=30080)
-    dns = ServicePort(DNS, 4, "10.96.0.10", 53)
+    vip = CLUSTER_IP[family]
+    eps = tuple(Endpoint(p.ip(family), 8080) for p in pods)
+    web = ServicePort(WEB, family, vip, 80, node_port=30080)
+    dns = ServicePort(DNS, family, vip, 53)
     view = {WEB: (web, eps), DNS: (dns, eps)}
+    wildcard = "0.0.0.0" if family == 4 else "::"
     with LoopThread(topo.node_ns) as lt:
-        proxier = UserspaceProxier(family=4, bind_ip="0.0.0.0")
+        proxier = UserspaceProxier(family=family, bind_ip=wildcard)
         try:
             lt.call(proxier.sync(view))
             ports = proxier.listener_ports()
             assert set(ports) == {WEB, DNS}
-            cfg = SteeringConfig(family=4, listen_ip="0.0.0.0", host_ip=topo.node.ipv4)
+            cfg = SteeringConfig(family=family, listen_ip=wildcard, host_ip=topo.node.ip(family))
             chains = render_all({n: (view[n][0], p) for n, p in ports.items()}, cfg)
-            topo.load_rules(restore_payload(chains, builtin_jumps=builtin_jumps(cfg)), "nft", 4)
+            topo.load_rules(restore_payload(chains, builtin_jumps=builtin_jumps(cfg)), "nft", family)
 
-            from_pod = {request(pods[0].ns, "10.96.0.10", 80).name for _ in range(6)}
+            from_pod = {request(pods[0].ns, vip, 80).name for _ in range(6)}
             assert from_pod == {"pod-1", "pod-2"}  # round robin through the proxier, from a pod
-            client = topo.client_hosts[0].ns
-            assert request(client, "10.96.0.10", 80).ok
-            assert {request(client, topo.node.ipv4, 30080).name for _ in range(4)} == {"pod-1", "pod-2"}
-            assert request(topo.node_ns, "10.96.0.10", 80).ok  # the node itself, through OUTPUT
-            udp = request(pods[1].ns, "10.96.0.10", 53, "udp")
+            client = topo.client_hosts[0]
+            assert {request(client.ns, topo.node.ip(family), 30080).name for _ in range(4)} == {
+                "pod-1",
+                "pod-2",
+            }
+            assert request(topo.node_ns, vip, 80).ok  # the node itself, through OUTPUT
+            udp = request(pods[1].ns, vip, 53, "udp")
             assert udp.ok, udp  # the reply came back from the cluster IP, or the client would drop it
-            # the pods saw the proxier (the node), never the original client
-            assert request(client, "10.96.0.10", 80).peer not in (topo.client_hosts[0].ipv4,)
+            reply = request(client.ns, vip, 80)
+            assert reply.ok and reply.peer != client.ip(family)  # pods see the proxier, not the client
         finally:
             lt.call(proxier.close(deadline=1))

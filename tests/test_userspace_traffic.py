@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import resource
 import socket
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
@@ -361,8 +364,8 @@ def test_udp_sessions_per_client_and_idle_close() -> None:
         p = UserspaceProxier(bind_ip=LO, udp_idle_timeout=0.3)
         clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
         try:
-            before = fd_count()
             await p.sync(view(eps, proto="UDP"))
+            before = fd_count()  # the listener (and the proxier's epoll set) are open now
             port = p.port_of(spn(proto="UDP"))
             assert port
             seen: list[set[bytes]] = [set(), set()]
@@ -380,9 +383,9 @@ def test_udp_sessions_per_client_and_idle_close() -> None:
             assert seen[0] != seen[1]  # round robin between clients
             udp = p._ports[spn(proto="UDP")].udp
             assert udp is not None and len(udp.sessions) == 2
-            assert fd_count() == before + 3  # listener + one backend socket per client
+            assert fd_count() == before + 2  # one backend socket per client
             await until(lambda: not udp.sessions, timeout=3)
-            assert fd_count() == before + 1
+            assert fd_count() == before
         finally:
             await p.close(deadline=0.5)
             for c in clients:
@@ -541,5 +544,154 @@ def test_ipv6_tcp_and_udp() -> None:
             for s in servers:
                 s.kill()
             udp_t.close()
+
+    run(main())
+
+
+def test_dial_timeout_moves_to_the_next_endpoint(engine: dict[str, Any]) -> None:
+    """An endpoint that never answers SYNs (its accept queue is full) costs one short
+    timeout, then the connection goes to the next endpoint."""
+    failures: list[tuple[str, str]] = []
+
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        hole = socket.socket()
+        filler = socket.socket()
+        try:
+            hole.bind((LO, 0))
+            hole.listen(0)
+            filler.connect(hole.getsockname())  # fills the accept queue: later SYNs are dropped
+            dead = Endpoint(LO, hole.getsockname()[1])
+            await p.sync(view([dead, servers[0].endpoint]))
+            port = p.port_of(spn())
+            assert port
+            assert [await one(port) for _ in range(4)] == ["b0"] * 4
+            assert ("default/web", f"{LO}:{dead.port}") in failures
+        finally:
+            filler.close()
+            hole.close()
+
+    with_proxier(
+        body,
+        engine,
+        backends=1,
+        dial_timeouts=(0.15, 0.3, 0.6),
+        hooks=Hooks(dial_failure=lambda s, e: failures.append((s, e))),
+    )
+
+
+MANIFEST = """
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+  annotations:
+    kproxy.io/lb-algorithm: least-connections
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: PORT0, protocol: TCP}]
+endpoints:
+- addresses: [127.0.0.1]
+  conditions: {ready: true}
+"""
+
+
+def test_annotation_chooses_the_algorithm_end_to_end() -> None:
+    """From a manifest, through the parser and the per-family view, to the proxier's balancer."""
+    from kproxy.state.build import Snapshot
+    from kproxy.state.build import view as build_view
+    from kproxy.state.parse import parse_stream
+
+    async def main() -> None:
+        (server,) = await started("b0")
+        objs, errors = parse_stream(MANIFEST.replace("PORT0", str(server.port)), "test")
+        assert not errors
+        v = build_view(Snapshot.from_objects(objs), "node-1", 4)
+        p = UserspaceProxier(bind_ip=LO)
+        try:
+            await p.sync(v)
+            name = ServicePortName("default", "web", "http", "TCP")
+            balancer = p.balancer_of(name)
+            assert balancer is not None and balancer.algorithm == "least-connections"
+            port = p.port_of(name)
+            assert port and await one(port) == "b0"
+        finally:
+            await p.close(deadline=0.5)
+            server.kill()
+
+    run(main())
+
+
+def test_out_of_descriptors_pauses_accepting_then_recovers() -> None:
+    """A proxy at its descriptor limit leaves new connections in the kernel's queue (no
+    spinning, no crash) and serves them once earlier connections close."""
+
+    def low_fd_limit() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, hard))
+
+    async def main() -> None:
+        (server,) = await started("b0")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kproxy.backends.userspace.bench_server",
+            "--bind",
+            LO,
+            "--service",
+            f"web/TCP={LO}:{server.port}",
+            "--exit-on-stdin-eof",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=low_fd_limit,
+        )
+        conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            port = json.loads(await proc.stdout.readline())["web/TCP"]
+            conns = [await asyncio.open_connection(LO, port) for _ in range(40)]
+
+            async def greeted(r: asyncio.StreamReader, wait: float) -> bool:
+                try:
+                    async with asyncio.timeout(wait):
+                        return await r.readline() == b"b0\n"
+                except TimeoutError:
+                    return False
+
+            first = await asyncio.gather(*(greeted(r, 1.0) for r, _ in conns))
+            assert 0 < sum(first) < len(conns)  # the limit was really reached
+            for (_, w), ok in zip(conns, first, strict=True):
+                if ok:
+                    w.close()
+
+            async def greeted_then_closed(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+                ok = await greeted(r, 10.0)
+                w.close()  # each one served frees descriptors for the next in the queue
+                return ok
+
+            rest = await asyncio.gather(
+                *(greeted_then_closed(r, w) for (r, w), ok in zip(conns, first, strict=True) if not ok)
+            )
+            assert all(rest)
+            assert proc.returncode is None
+            proc.terminate()
+            assert b"userspace_accept_failed" in await proc.stderr.read()
+        finally:
+            for _, w in conns:
+                w.close()
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            server.kill()
 
     run(main())

@@ -16,6 +16,11 @@ flushed the tables), every `full_sync_interval_s`, and when asked (`changed=None
 
 A failed restore changes nothing in the kernel for the failing table and loses nothing:
 the changed names stay pending, and the next sync is full, computed from the view.
+
+On nft, very large writes (a full sync, a churn of thousands of services) are split into
+several restores, because iptables-nft-restore slows down quadratically with payload
+size (see restore.py). Each restore is atomic and their order keeps every intermediate
+ruleset consistent: no rule ever jumps to a chain that is not there yet.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from itertools import chain as concat
 from typing import NamedTuple
 
 from kproxy import log
+from kproxy.backends.iptables.adopt import chains_in_save, same_rules
 from kproxy.backends.iptables.naming import OWNED_PREFIXES
 from kproxy.backends.iptables.render import CANARY, assemble, builtin_jumps, gc_paused, render_port
 from kproxy.backends.iptables.restore import Restorer
@@ -107,6 +113,7 @@ class SyncEngine:
         *,
         full_sync_interval_s: float = 3600.0,
         canary_interval_s: float = 0.0,
+        adopt: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
@@ -114,6 +121,8 @@ class SyncEngine:
         self.restorer = restorer
         self.full_sync_interval_s = full_sync_interval_s
         self.canary_interval_s = canary_interval_s
+        self.adopt = adopt
+        """At start, keep per-port chains the kernel already holds exactly (see `_adopt`)."""
         self._clock = clock
         self._fixed: dict[ChainKey, Rules] = assemble((), cfg)
         """Top-level chains as they are with no ports: their keys, in order, and tail rules."""
@@ -125,7 +134,8 @@ class SyncEngine:
         self._last_full = -math.inf
         self._last_canary = -math.inf
         self._pending: set[ServicePortName] = set()
-        self._generation: object | None = None
+        self._generation: tuple[object, ...] | None = None
+        self._rule_counts: dict[str, int] = {table: 0 for table in TABLES}
 
     # ---------------------------------------------------------------- public
 
@@ -138,6 +148,11 @@ class SyncEngine:
     def applied(self) -> Mapping[ChainKey, Rules]:
         """Every chain of ours as the last successful sync left it."""
         return self._applied
+
+    @property
+    def rule_counts(self) -> Mapping[str, int]:
+        """Rules per table in our chains (kept up to date per sync, not recounted)."""
+        return self._rule_counts
 
     def force_full(self, reason: str = "requested") -> None:
         self._full_reason = self._full_reason or reason
@@ -194,17 +209,22 @@ class SyncEngine:
         self._pending.clear()
         return result
 
+    def _untouched(self) -> bool:
+        """True when the tables provably did not change since our last write (legacy only:
+        the kernel's table header; nft has no such token here, so this is always False)."""
+        return self._generation is not None and self._generations() == self._generation
+
+    def _generations(self) -> tuple[object, ...] | None:
+        tokens = tuple(self.restorer.generation(self.family, table) for table in TABLES)
+        return None if None in tokens else tokens
+
     def _canary_present(self) -> bool:
-        """Skipped (True) when the table provably has not changed since our last write."""
-        if (
-            self._generation is not None
-            and self.restorer.generation(self.family, CANARY_KEY[0]) == self._generation
-        ):
+        if self._untouched():
             return True
         return self.restorer.has_chain(self.family, CANARY_KEY[0], CANARY_KEY[1])
 
     def _remember_generation(self) -> None:
-        self._generation = self.restorer.generation(self.family, CANARY_KEY[0])
+        self._generation = self._generations()
 
     # --------------------------------------------------------------- partial
 
@@ -279,11 +299,16 @@ class SyncEngine:
         restores, size, restore_s = self._write(plan)
         if restores:
             self._remember_generation()
+        counts = self._rule_counts
         for group in plan.groups:
+            for key, rules in group.items():
+                counts[key[0]] = counts.get(key[0], 0) + len(rules) - len(applied.get(key, ()))
             applied.update(group)
+        for key, rules in plan.top.items():
+            counts[key[0]] = counts.get(key[0], 0) + len(rules) - len(applied.get(key, ()))
         applied.update(plan.top)
         for key in plan.deleted:
-            applied.pop(key, None)
+            counts[key[0]] = counts.get(key[0], 0) - len(applied.pop(key, ()))
         return SyncResult(
             full=False,
             reason="",
@@ -353,16 +378,23 @@ class SyncEngine:
             key for key in existing if key[1].startswith(OWNED_PREFIXES) and key not in wanted
         )
         plan.create = [key for key in plan.top if key not in existing]
+        adopted = self._adopt(plan, existing) if reason == "start" and self.adopt else {}
+        # Jumps we ensured stand as long as nobody else touched the tables since.
+        jumps_stand = reason in TRUST_APPLIED and self._untouched()
         t3 = time.perf_counter()
         restores, size, restore_s = self._write(plan)
         t = time.perf_counter()
-        inserted = self.restorer.ensure_jumps(self.family, builtin_jumps(cfg))
+        inserted = 0 if jumps_stand else self.restorer.ensure_jumps(self.family, builtin_jumps(cfg))
         self._remember_generation()
         restore_s += time.perf_counter() - t
         applied: dict[ChainKey, Rules] = dict(plan.top)
         for group in plan.groups:
             applied.update(group)
+        applied.update(adopted)
         self._applied = applied
+        self._rule_counts = {table: 0 for table in TABLES}
+        for (table, _), rules in applied.items():
+            self._rule_counts[table] += len(rules)
         self._full_reason = ""
         self._last_full = self._last_canary = self._clock()
         log.info(
@@ -372,6 +404,7 @@ class SyncEngine:
             ports=len(ports),
             chains=len(applied),
             deleted=len(plan.deleted),
+            adopted=len(adopted),
             jumps_inserted=inserted,
         )
         return SyncResult(
@@ -387,6 +420,29 @@ class SyncEngine:
             check_s=check_s + (t3 - t2),
             jumps_inserted=inserted,
         )
+
+    def _adopt(self, plan: _Plan, existing: set[ChainKey]) -> dict[ChainKey, Rules]:
+        """Drop from the plan every per-port chain the kernel already holds exactly.
+
+        Only at start: a node taken over from kube-proxy (or a restarted kproxy) keeps its
+        per-service chains untouched, counters and all. Reading and comparing costs far less
+        than rewriting on nft; any doubt (a table that cannot be read) means rewrite."""
+        tables = {key[0] for group in plan.groups for key in group if key in existing}
+        saved: dict[str, dict[str, list[str]]] = {}
+        for table in tables:
+            try:
+                saved[table] = chains_in_save(self.restorer.save(self.family, table))
+            except RestoreError:
+                return {}
+        adopted: dict[ChainKey, Rules] = {}
+        for group in plan.groups:
+            for key, rules in list(group.items()):
+                have = saved.get(key[0], {}).get(key[1])
+                if have is not None and same_rules(have, rules, self.family):
+                    adopted[key] = rules
+                    del group[key]
+        plan.groups = [group for group in plan.groups if group]
+        return adopted
 
     # ----------------------------------------------------------------- write
 

@@ -61,11 +61,13 @@ class Balancer:
         "_affinity",
         "_algorithm",
         "_clock",
+        "_down",
         "_index",
         "_picks",
         "_rng",
         "_targets",
         "affinity_timeout",
+        "cooldown",
     )
 
     def __init__(
@@ -74,6 +76,7 @@ class Balancer:
         *,
         algorithm: Algorithm = "round-robin",
         affinity_timeout: float = 0.0,
+        cooldown: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -86,6 +89,9 @@ class Balancer:
         self._active: dict[Target, int] = {}
         self._affinity: dict[str, _Sticky] = {}
         self._picks = 0
+        self.cooldown = cooldown
+        """Seconds an endpoint whose dial failed is passed over, while others remain."""
+        self._down: dict[Target, float] = {}
         self.update(targets)
 
     @property
@@ -120,6 +126,7 @@ class Balancer:
             self._index = self._index % len(self._targets) if self._targets else 0
         if len(kept) != old_len:
             self._affinity = {c: s for c, s in self._affinity.items() if s.target in keep}
+            self._down = {t: u for t, u in self._down.items() if t in keep}
         # counts of removed targets stay until their connections release: they drain.
 
     def pick(self, client_ip: str, exclude: Collection[Target] = ()) -> Target | None:
@@ -146,10 +153,17 @@ class Balancer:
         return self._choose(targets, exclude)
 
     def failed(self, client_ip: str, target: Target) -> None:
-        """A dial to `target` failed: forget the client's affinity to it."""
+        """A dial to `target` failed: forget the client's affinity to it, and pass it over
+        for `cooldown` seconds so other clients do not each pay a dial timeout for it."""
         sticky = self._affinity.get(client_ip)
         if sticky is not None and sticky.target == target:
             del self._affinity[client_ip]
+        if self.cooldown > 0 and target in self._targets:
+            self._down[target] = self._clock() + self.cooldown
+
+    def is_down(self, target: Target) -> bool:
+        until = self._down.get(target)
+        return until is not None and until > self._clock()
 
     def acquire(self, target: Target) -> None:
         self._active[target] = self._active.get(target, 0) + 1
@@ -169,6 +183,24 @@ class Balancer:
         return sticky.target if sticky is not None else None
 
     def _choose(self, targets: list[Target], exclude: Collection[Target]) -> Target | None:
+        if self._down:
+            exclude = self._with_down(targets, exclude)
+        return self._choose_from(targets, exclude)
+
+    def _with_down(self, targets: list[Target], exclude: Collection[Target]) -> Collection[Target]:
+        """Add cooling-down endpoints to `exclude`, unless that would leave nothing to try."""
+        now = self._clock()
+        down = {t for t, until in self._down.items() if until > now}
+        if len(down) != len(self._down):
+            self._down = {t: u for t, u in self._down.items() if t in down}
+        if not down:
+            return exclude
+        merged = down.union(exclude)
+        if all(t in merged for t in targets):
+            return exclude
+        return merged
+
+    def _choose_from(self, targets: list[Target], exclude: Collection[Target]) -> Target | None:
         algorithm = self._algorithm
         n = len(targets)
         if algorithm == "random":

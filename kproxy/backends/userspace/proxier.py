@@ -48,6 +48,8 @@ class _Port:
     server: asyncio.AbstractServer | None = None
     udp: UdpService | None = None
     raw: RawTcpService | None = None
+    endpoints: tuple[Endpoint, ...] = ()
+    """The endpoints last synced, so an unchanged port costs one tuple comparison."""
 
 
 class UserspaceProxier:
@@ -129,6 +131,9 @@ class UserspaceProxier:
                 algorithm=parse_algorithm(sp.lb_algorithm), affinity_timeout=float(sp.affinity_timeout)
             )
             p.sp = sp
+        if endpoints == p.endpoints:
+            return
+        p.endpoints = tuple(endpoints)
         targets = usable_targets(sp, endpoints)
         if tuple(sorted(targets)) != tuple(sorted(p.balancer.targets)):
             p.balancer.update(targets)
@@ -149,10 +154,14 @@ class UserspaceProxier:
         try:
             if sp.protocol == "UDP":
                 udp = UdpService(
-                    label, balancer, loop=loop, bind_ip=self.bind_ip, idle_timeout=self.udp_idle_timeout
+                    label,
+                    balancer,
+                    reactor=self._reactor_on(loop),
+                    bind_ip=self.bind_ip,
+                    idle_timeout=self.udp_idle_timeout,
                 )
                 port = udp.open()
-                p = _Port(sp, balancer, port, udp=udp)
+                p = _Port(sp, balancer, port, udp=udp, endpoints=tuple(endpoints))
             else:
                 sctp = sp.protocol == "SCTP"
                 if sctp:
@@ -161,19 +170,17 @@ class UserspaceProxier:
                         log.warn("userspace_listener_skipped", service=label, protocol="SCTP", reason=reason)
                         return None
                 if self.engine == "raw":
-                    if self._reactor is None:
-                        self._reactor = Reactor(loop)
                     raw = RawTcpService(
                         label,
                         balancer,
                         self.gate,
-                        self._reactor,
+                        self._reactor_on(loop),
                         proto_number=IPPROTO_SCTP if sctp else 0,
                         dial_timeouts=self.dial_timeouts,
                         splice=self.splice and not sctp,
                     )
                     port = raw.open(self.bind_ip, 0, self.backlog)
-                    p = _Port(sp, balancer, port, raw=raw)
+                    p = _Port(sp, balancer, port, raw=raw, endpoints=tuple(endpoints))
                     log.info(
                         "userspace_listener_opened",
                         service=label,
@@ -199,7 +206,7 @@ class UserspaceProxier:
                         tcp.protocol, self.bind_ip, 0, backlog=self.backlog, reuse_address=True
                     )
                 port = int(server.sockets[0].getsockname()[1])
-                p = _Port(sp, balancer, port, tcp=tcp, server=server)
+                p = _Port(sp, balancer, port, tcp=tcp, server=server, endpoints=tuple(endpoints))
         except OSError as e:
             log.error(
                 "userspace_listener_failed",
@@ -219,6 +226,11 @@ class UserspaceProxier:
             algorithm=balancer.algorithm,
         )
         return p
+
+    def _reactor_on(self, loop: asyncio.AbstractEventLoop) -> Reactor:
+        if self._reactor is None:
+            self._reactor = Reactor(loop)
+        return self._reactor
 
     def _close_port(self, name: ServicePortName, p: _Port) -> None:
         """Stop accepting; connections already open run to their natural end."""

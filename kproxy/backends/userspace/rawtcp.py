@@ -42,6 +42,8 @@ _BUF = bytearray(_BUF_SIZE)
 _VIEW = memoryview(_BUF)
 _ACCEPT_BURST: Final = 256
 _ACCEPT_BACKOFF: Final = 0.1
+_ACCEPT_WARN_EVERY: Final = 5.0
+_SHORT_OF_FDS: Final = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _POLL_BATCH: Final = 1024
 _LINGER0: Final = struct.pack("ii", 1, 0)
 _SPLICE_CHUNK: Final = 1 << 20
@@ -63,6 +65,7 @@ for EPOLLOUT reports an event for every ACK that frees send space."""
 _IN: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _OUT: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _ENDING: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_FAILED: Final = select.EPOLLHUP | select.EPOLLERR
 Sock = _socket.socket
 """The C socket type: no Python-level __init__/close per connection, as `socket.socket` has."""
 Handler = Callable[[int], None]
@@ -96,10 +99,6 @@ class Reactor:
         with contextlib.suppress(OSError):
             self.ep.modify(fd, events)
 
-    def discard(self, fd: int) -> None:
-        """Stop dispatching for `fd`; the kernel drops it from the set when it is closed."""
-        self.handlers.pop(fd, None)
-
     def close_sock(self, s: Sock) -> None:
         self.handlers.pop(s.fileno(), None)
         if self._dispatching:
@@ -130,6 +129,8 @@ class Reactor:
                     except Exception as e:  # one broken connection must not cost the batch its edges
                         log.error("userspace_handler_failed", fd=fd, error=repr(e))
                         owner = getattr(h, "__self__", None)
+                        if isinstance(owner, _Half):
+                            owner = owner.conn
                         if isinstance(owner, _Conn):
                             owner.abort()
         finally:
@@ -144,6 +145,7 @@ class RawTcpService:
     """The listener of one TCP/SCTP service port and its open connections."""
 
     __slots__ = (
+        "_accept_warned",
         "_tick",
         "balancer",
         "connecting",
@@ -184,6 +186,7 @@ class RawTcpService:
         self.conns: set[_Conn] = set()
         self.connecting: dict[_Conn, float] = {}
         self._tick: asyncio.TimerHandle | None = None
+        self._accept_warned = -1e9
         self.lsock: socket.socket | None = None
         self.lfd = -1
         self.family = socket.AF_INET
@@ -195,6 +198,8 @@ class RawTcpService:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if self.nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
             sock.bind((bind_ip, port))
             sock.listen(backlog)
             sock.setblocking(False)
@@ -245,11 +250,8 @@ class RawTcpService:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                # EMFILE/ENFILE: the kernel queue keeps the connection; stop watching the
-                # (level-triggered) listener for a moment rather than spin on it.
-                log.warn("userspace_accept_failed", service=self.name, error=repr(e))
-                self.reactor.watch(self.lfd, 0)
-                self.loop.call_later(_ACCEPT_BACKOFF, self._resume_accept)
+                # EMFILE/ENFILE: the kernel queue keeps the connection.
+                self.pause_accept(e)
                 return
             c = Sock(family, _SOCK_STREAM, proto, fd)
             if gate.open >= gate.limit:
@@ -257,10 +259,26 @@ class RawTcpService:
                 gate.refuse(self.name)
                 continue
             c.setblocking(False)
+            try:
+                conn = _Conn(self, c, addr[0])
+            except OSError as e:  # epoll set full (fs.epoll.max_user_watches) or out of memory
+                log.warn("userspace_watch_failed", service=self.name, error=repr(e))
+                _reset(c)
+                continue
             gate.open += 1
-            conn = _Conn(self, c, addr[0])
             self.conns.add(conn)
             conn.dial()
+
+    def pause_accept(self, e: OSError) -> None:
+        """Out of descriptors: stop watching the (level-triggered) listener for a moment
+        rather than spin on it; connections wait in the kernel's accept queue meanwhile."""
+        now = self.loop.time()
+        if now - self._accept_warned >= _ACCEPT_WARN_EVERY:
+            self._accept_warned = now
+            log.warn("userspace_accept_failed", service=self.name, error=repr(e), open=self.gate.open)
+        if self.lsock is not None:
+            self.reactor.watch(self.lfd, 0)
+            self.loop.call_later(_ACCEPT_BACKOFF, self._resume_accept)
 
     def _resume_accept(self) -> None:
         if self.lsock is not None:
@@ -321,6 +339,7 @@ class _Half:
             return
         recv_into, send = self.src.recv_into, self.dst.send
         short_ok = not ev & _ENDING
+        fin_seen = ev & _ENDING == select.EPOLLRDHUP
         while self.pending is None and not self.eof:
             try:
                 n = recv_into(_BUF)
@@ -346,8 +365,14 @@ class _Half:
             if n >= _SPLICE_AT and self.conn.svc.splice and self._to_splice():
                 self._splice_readable()
                 return
-            if n < _BUF_SIZE and short_ok:
-                return  # a short read drained the socket; new data brings a new edge
+            if n < _BUF_SIZE:
+                if short_ok:
+                    return  # a short read drained the socket; new data brings a new edge
+                if fin_seen:
+                    # The FIN was in before this read, and a short read took everything
+                    # queued ahead of it: end of stream, no recv needed to learn it.
+                    self.on_eof()
+                    return
 
     def _to_splice(self) -> bool:
         try:
@@ -412,6 +437,14 @@ class _Half:
             return
         self.pending = None
         self.resume()
+
+    def on_event(self, ev: int) -> None:
+        """Events of this direction's source socket: readable for us, writable for the peer
+        (whose destination it is). Installed as the socket's handler once connected."""
+        if ev & _IN:
+            self.readable(ev)
+        if ev & _OUT and not self.conn.closed:
+            self.peer.writable()  # type: ignore[union-attr]
 
     def resume(self) -> None:
         self.reactor.watch(self.dfd, _RD)
@@ -523,6 +556,11 @@ class _Conn:
             try:
                 u = Sock(family, _SOCK_STREAM_NB, svc.proto_number)
             except OSError as e:
+                self.target = None
+                if e.errno in _SHORT_OF_FDS:
+                    svc.pause_accept(e)  # and try this connection again in a moment
+                    svc.loop.call_later(_ACCEPT_BACKOFF, self.dial)
+                    return
                 log.error("userspace_socket_failed", service=svc.name, error=repr(e))
                 self._give_up()
                 return
@@ -533,8 +571,14 @@ class _Conn:
                 u.close()
                 self._failed(os.strerror(err))
                 continue
+            try:
+                svc.reactor.add(u.fileno(), self.on_upstream, _RD if err == 0 else _RDWR)
+            except OSError as e:
+                u.close()
+                log.warn("userspace_watch_failed", service=svc.name, error=repr(e))
+                self._give_up()
+                return
             self.u = u
-            svc.reactor.add(u.fileno(), self.on_upstream, _RD if err == 0 else _RDWR)
             if err == 0:
                 self._connected(_ENDING)
             else:
@@ -545,7 +589,8 @@ class _Conn:
         u = self.u
         assert u is not None
         self.svc.connecting.pop(self, None)
-        err = u.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # Writable without an error flag is a completed connect; only a failure needs SO_ERROR.
+        err = u.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if ev & _FAILED else 0
         if err:
             self._drop_upstream()
             self._failed(os.strerror(err))
@@ -589,12 +634,12 @@ class _Conn:
         assert u is not None and self.target is not None
         svc.balancer.acquire(self.target)
         c = self.c
-        if svc.nodelay:
-            with contextlib.suppress(OSError):
-                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c2u, u2c = _Half(self, c, u), _Half(self, u, c)
         c2u.peer, u2c.peer = u2c, c2u
         self.c2u, self.u2c = c2u, u2c
+        handlers = svc.reactor.handlers
+        handlers[c2u.sfd] = c2u.on_event
+        handlers[u2c.sfd] = u2c.on_event
         if self.client_ev & _IN:
             c2u.readable(self.client_ev)  # what the client sent while we dialed
         if up_ev & _IN and not self.closed:
@@ -634,3 +679,7 @@ class _Conn:
         reactor.close_sock(self.c)
         svc.gate.leave()
         svc.conns.discard(self)
+        # Break the conn <-> halves cycles so memory goes back at once, not at the next GC pass.
+        if c2u is not None and u2c is not None:
+            c2u.peer = u2c.peer = None
+        self.c2u = self.u2c = None

@@ -1,8 +1,9 @@
 """UDP forwarding: one connected backend socket per client address, closed when idle.
 
-Plain non-blocking sockets driven by `loop.add_reader` rather than datagram transports:
-a burst of datagrams is drained in one callback with no per-datagram future, and the
-listener can use `recvmsg`/`sendmsg` with packet info. When the listener is bound to a
+Plain non-blocking sockets in the proxier's epoll set (`rawtcp.Reactor`, level-triggered
+here) rather than datagram transports: a burst of datagrams is drained in one callback
+with no per-datagram future, a session costs one epoll registration, and the listener
+can use `recvmsg`/`sendmsg` with packet info. When the listener is bound to a
 wildcard address, each reply leaves with the source address the client's datagram was
 sent to (IP_PKTINFO / IPV6_PKTINFO), so conntrack can undo a REDIRECT and the client
 sees the answer come from the address it asked.
@@ -11,24 +12,31 @@ sees the answer come from the address it asked.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
-from typing import Final
+from typing import Any, Final
 
 from kproxy import log
 from kproxy.backends.userspace.balancer import Balancer, Target
+from kproxy.backends.userspace.rawtcp import Reactor
 
 IP_PKTINFO: Final = getattr(socket, "IP_PKTINFO", 8)
 _BURST: Final = 64
 _MAX_DGRAM: Final = 65535
+_DBUF = bytearray(_MAX_DGRAM)
+_DVIEW = memoryview(_DBUF)
+_DBUFS = [_DBUF]
+"""One receive buffer for every datagram: each is forwarded before the next is read."""
 _CMSG_SPACE: Final = socket.CMSG_SPACE(32)
 
-Address = tuple[str, int]
+Address = tuple[Any, ...]
+"""A client address as the socket reports it: (ip, port) or, for IPv6, (ip, port, flow, scope)."""
 
 
 class _Session:
     """One client address and its connected backend socket."""
 
-    __slots__ = ("addr", "ancillary", "fd", "last", "sock", "svc", "target")
+    __slots__ = ("addr", "anc_raw", "ancillary", "fd", "last", "sock", "svc", "target")
 
     def __init__(self, svc: UdpService, addr: Address, target: Target, sock: socket.socket) -> None:
         self.svc = svc
@@ -38,10 +46,11 @@ class _Session:
         self.fd = sock.fileno()
         self.last = 0.0
         self.ancillary: list[tuple[int, int, bytes]] = []
+        self.anc_raw = b""
 
-    def on_reply(self) -> None:
+    def on_reply(self, _ev: int) -> None:
         svc = self.svc
-        recv = self.sock.recv
+        recv_into = self.sock.recv_into
         listener = svc.sock
         if listener is None:
             return
@@ -50,7 +59,7 @@ class _Session:
         got = False
         for _ in range(_BURST):
             try:
-                data = recv(_MAX_DGRAM)
+                n = recv_into(_DBUF)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -59,9 +68,9 @@ class _Session:
             got = True
             try:
                 if anc:
-                    listener.sendmsg((data,), anc, 0, addr)
+                    listener.sendmsg((_DVIEW[:n],), anc, 0, addr)
                 else:
-                    listener.sendto(data, addr)
+                    listener.sendto(_DVIEW[:n], addr)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -82,6 +91,7 @@ class UdpService:
         "loop",
         "name",
         "pktinfo",
+        "reactor",
         "sessions",
         "sock",
     )
@@ -91,13 +101,14 @@ class UdpService:
         name: str,
         balancer: Balancer,
         *,
-        loop: asyncio.AbstractEventLoop,
+        reactor: Reactor,
         bind_ip: str,
         idle_timeout: float = 1.0,
     ) -> None:
         self.name = name
         self.balancer = balancer
-        self.loop = loop
+        self.reactor = reactor
+        self.loop = reactor.loop
         self.bind_ip = bind_ip
         self.family = socket.AF_INET6 if ":" in bind_ip else socket.AF_INET
         self.idle_timeout = idle_timeout
@@ -120,7 +131,7 @@ class UdpService:
             sock.close()
             raise
         self.sock = sock
-        self.loop.add_reader(sock.fileno(), self._on_datagrams)
+        self.reactor.add(sock.fileno(), self._on_datagrams, select.EPOLLIN)
         return int(sock.getsockname()[1])
 
     @property
@@ -134,11 +145,10 @@ class UdpService:
         for s in list(self.sessions.values()):
             self._end(s)
         if self.sock is not None:
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+            self.reactor.close_sock(self.sock)
             self.sock = None
 
-    def _on_datagrams(self) -> None:
+    def _on_datagrams(self, _ev: int) -> None:
         sock = self.sock
         if sock is None:
             return
@@ -148,25 +158,25 @@ class UdpService:
         for _ in range(_BURST):
             try:
                 if pktinfo:
-                    data, anc, _flags, addr = sock.recvmsg(_MAX_DGRAM, _CMSG_SPACE)
+                    n, anc, _flags, addr = sock.recvmsg_into(_DBUFS, _CMSG_SPACE)
                 else:
-                    data, addr = sock.recvfrom(_MAX_DGRAM)
+                    n, addr = sock.recvfrom_into(_DBUF)
                     anc = None
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 continue
-            key: Address = (addr[0], addr[1])
-            s = sessions.get(key)
+            s = sessions.get(addr)
             if s is None:
-                s = self._start(key)
+                s = self._start(addr)
                 if s is None:
                     continue
-            if anc:
+            if anc and anc[0][2] != s.anc_raw:
+                s.anc_raw = anc[0][2]
                 s.ancillary = _reply_ancillary(anc)
             s.last = now
             try:
-                s.sock.send(data)
+                s.sock.send(_DVIEW[:n])
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:
@@ -194,7 +204,7 @@ class UdpService:
         s = _Session(self, addr, target, bs)
         self.sessions[addr] = s
         self.balancer.acquire(target)
-        self.loop.add_reader(s.fd, s.on_reply)
+        self.reactor.add(s.fd, s.on_reply, select.EPOLLIN)
         if self._sweeper is None:
             self._schedule_sweep()
         return s
@@ -202,8 +212,7 @@ class UdpService:
     def _end(self, s: _Session) -> None:
         if self.sessions.pop(s.addr, None) is None:
             return
-        self.loop.remove_reader(s.fd)
-        s.sock.close()
+        self.reactor.close_sock(s.sock)
         self.balancer.release(s.target)
 
     def _schedule_sweep(self) -> None:
