@@ -916,3 +916,22 @@ def test_rules_come_back_after_someone_flushes_the_tables(node: Node) -> None:
     reply = node.hit(vip(80), 80)
     assert not reply.ok, "premise: with the tables flushed the service is gone"
     node.wait_answer(vip(80), 80, {node.pod(3).name}, agent)
+
+
+def test_userspace_mode_carries_service_traffic_through_the_agent(node: Node, tmp_path: Path) -> None:
+    """`--proxy-mode userspace`: the agent's own listeners carry cluster-IP traffic from a client
+    outside the node to the pods, and a scale-up reaches the new pod (bounded wait)."""
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    name = node.topo.node_name
+    pod1, pod2 = node.pod(1), node.pod(2)
+    write_objects(manifests / "node.yaml", [node_obj(node.topo)])
+    app = manifests / "app.yaml"
+    write_objects(app, [svc_obj("app", 72), slice_obj("app", [pod1], name)])
+    agent = node.agent("--manifests", str(manifests), "--proxy-mode", "userspace")
+    node.wait_answer(vip(72), 80, {pod1.name}, agent)
+    write_objects(app, [svc_obj("app", 72), slice_obj("app", [pod1, pod2], name)])
+    node.wait_answer(vip(72), 80, {pod1.name, pod2.name}, agent)
+    saved = exec_in(node.ns, ["iptables-nft-save", "-t", "nat"]).stdout
+    assert "KUBE-PORTALS-CONTAINER" in saved and "KUBE-SVC-" not in saved, "steered, not DNATed to pods"
+    assert agent.alive(), agent.tail()

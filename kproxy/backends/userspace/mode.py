@@ -1,0 +1,86 @@
+"""Userspace mode as the node agent sees it: listeners per family, and the rules steering to them.
+
+Each sync first brings the listeners in line with the view (so every service port has a
+listener and knows its port), then rewrites the steering chains in one `--noflush`
+restore through the same edge as iptables mode. The steering chains hold a handful of
+rules per service port, so rewriting them whole costs less than diffing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from kproxy import log
+from kproxy.agent import SyncReport
+from kproxy.backends.iptables.restore import CommandRestorer, Restorer, detect_backend
+from kproxy.backends.iptables.ruleset import ChainKey, restore_payload
+from kproxy.backends.userspace import steering
+from kproxy.backends.userspace.proxier import UserspaceProxier
+from kproxy.changes import PortEntry
+from kproxy.config import RenderConfig
+from kproxy.settings import Settings
+from kproxy.state.model import Family, ServicePortName
+
+
+class UserspaceMode:
+    mode = "userspace"
+
+    def __init__(self, restorer: Restorer, node_ips: tuple[str, ...] = ()) -> None:
+        self.restorer = restorer
+        self.node_ips = node_ips
+        self.proxiers: dict[Family, UserspaceProxier] = {}
+        self._jumps_ensured: set[Family] = set()
+        self._applied: dict[Family, dict[ChainKey, tuple[str, ...]]] = {}
+
+    @classmethod
+    def for_host(cls, settings: Settings) -> UserspaceMode:
+        from kproxy.nodeaddr import node_addresses
+
+        chosen = detect_backend(None if settings.iptables_backend == "auto" else settings.iptables_backend)
+        return cls(CommandRestorer(chosen), node_addresses())
+
+    def _host_ip(self, family: Family, cfg: RenderConfig) -> str:
+        if cfg.node_ip:
+            return cfg.node_ip
+        mine = [ip for ip in self.node_ips if (":" in ip) == (family == 6)]
+        return mine[0] if mine else ("127.0.0.1" if family == 4 else "::1")
+
+    async def sync(
+        self,
+        family: Family,
+        ports: Mapping[ServicePortName, PortEntry],
+        changed: set[ServicePortName] | None,
+        cfg: RenderConfig,
+    ) -> SyncReport:
+        proxier = self.proxiers.get(family)
+        if proxier is None:
+            proxier = self.proxiers[family] = UserspaceProxier(family=family)
+        await proxier.sync(ports)
+        listening = proxier.listener_ports()
+        scfg = steering.SteeringConfig(
+            family=family,
+            listen_ip=proxier.bind_ip,
+            host_ip=self._host_ip(family, cfg),
+            comments=cfg.comments,
+        )
+        chains = steering.render_all({n: (ports[n][0], p) for n, p in listening.items() if n in ports}, scfg)
+        full = family not in self._jumps_ensured
+        if full or chains != self._applied.get(family):
+            payload = restore_payload(chains)
+            await asyncio.to_thread(self.restorer.apply, family, payload, True)
+            self._applied[family] = chains
+        if full:
+            await asyncio.to_thread(self.restorer.ensure_jumps, family, steering.builtin_jumps(scfg))
+            self._jumps_ensured.add(family)
+        log.debug("userspace_synced", family=family, listeners=len(listening))
+        rules = {"nat": 0, "filter": 0}
+        for (table, _), lines in chains.items():
+            rules[table] += len(lines)
+        return SyncReport(full=full, chains_written=len(chains), rules=rules)
+
+    async def close(self) -> None:
+        """Listeners close (their connections get a deadline to finish); steering rules stay
+        until the next kproxy takes over or `kproxy cleanup` removes them."""
+        for proxier in self.proxiers.values():
+            await proxier.close()
