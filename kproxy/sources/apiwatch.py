@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import random
 import threading
@@ -33,6 +32,7 @@ from typing import Any, Literal, Protocol
 
 from kproxy import log
 from kproxy.errors import ConfigError, ObjectError, SourceError
+from kproxy.gcpause import gc_paused
 from kproxy.state.model import ObjectRef
 from kproxy.state.parse import Parsed, parse_object_all
 
@@ -171,35 +171,6 @@ class WatchStats:
     events: int = 0
     skipped: int = 0
     resource_version: str = ""
-
-
-_gc_lock = threading.Lock()
-_gc_pausers = 0
-_gc_restore = False
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold the cyclic GC off while a list page is decoded and parsed.
-
-    A page makes tens of thousands of fresh containers, none in a cycle; with the collector on,
-    they trigger repeated passes that rescan young objects and, now and then, the whole heap
-    (bench/decode_bench.py: about 3x on EndpointSlices). Reference counting still frees
-    everything; the collector runs again as soon as the last page is done.
-    """
-    global _gc_pausers, _gc_restore
-    with _gc_lock:
-        if _gc_pausers == 0:
-            _gc_restore = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_restore:
-                gc.enable()
 
 
 class _Gone(Exception):
@@ -422,7 +393,7 @@ class _Watcher:
             finally:
                 self._set_inflight(None, float("inf"))
                 resp.release_conn()
-            with _gc_paused():
+            with gc_paused():
                 doc = _loads(body)
                 for obj in doc.get("items") or ():  # parsed page by page: the raw pages never pile up
                     obj.setdefault("kind", self.spec.kind)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from kproxy.gcpause import gc_paused
 from kproxy.state.model import (
     Endpoint,
     EndpointSlice,
@@ -23,7 +24,6 @@ from kproxy.state.model import (
     ServicePort,
     ServicePortName,
 )
-from kproxy.state.parse import gc_paused
 
 View = dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 

@@ -20,20 +20,19 @@ Endpoints that needs more than one slice it raises ObjectError rather than drop 
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import itertools
 import json
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
 
 import yaml
 
 from kproxy.errors import ObjectError
+from kproxy.gcpause import gc_paused
 from kproxy.state.model import (
     AddressType,
     EndpointSlice,
@@ -839,20 +838,6 @@ def parse_object(obj: Mapping[str, Any], source: str = "") -> Parsed | None:
 
 
 # ------------------------------------------------------------ batches and streams
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Batch parsing allocates many small objects while the (large) input is alive; the cyclic
-    collector would keep rescanning that input and takes about 40% of the time. Nothing made
-    here needs collecting while the batch runs, so pause it and restore its previous state."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def parse_many(
