@@ -163,7 +163,7 @@ def _source_rows(url: str, repeat: int) -> list[tuple[str, str, float, int]]:
     """ApiSource as shipped, and with its GC pause switched off, runs interleaved against noise."""
     import kproxy.sources.apiwatch as aw
 
-    shipped = aw._gc_paused
+    shipped = aw.gc_paused
     best: dict[str, tuple[float, int]] = {}
     try:
         for _ in range(repeat):
@@ -171,12 +171,12 @@ def _source_rows(url: str, repeat: int) -> list[tuple[str, str, float, int]]:
                 ("ApiSource start -> synced", shipped),
                 ("  same, GC not paused", contextlib.nullcontext),
             ):
-                aw._gc_paused = pause  # type: ignore[assignment]
+                aw.gc_paused = pause  # type: ignore[assignment]
                 secs, n = asyncio.run(_first_sync(url))
                 if secs < best.get(label, (float("inf"), 0))[0]:
                     best[label] = (secs, n)
     finally:
-        aw._gc_paused = shipped
+        aw.gc_paused = shipped
     return [("both", label, secs, n) for label, (secs, n) in best.items()]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -49,6 +49,59 @@ def hash16(text: str) -> str:
             p[n & 1023],
         ]
     )
+
+
+# sep_chains() encodes a batch of names in one big integer: lane i (25 bytes, counted from
+# the least significant end) holds "KUBE-SEP-", 6 zero bytes and the first 10 digest bytes of
+# name i. Four mask-and-shift rounds spread those 80 bits so each byte holds 5 of them; one
+# translate then maps 0..31 to the base32 alphabet (the prefix's ASCII bytes map to themselves).
+_SEP_PREFIX = b"KUBE-SEP-"
+_LANE = 25
+_BATCH = 64
+_B32_TABLE = bytes.maketrans(bytes(range(32)), _B32.encode())
+
+
+def _spread_masks() -> tuple[tuple[int, int, int], ...]:
+    def repeat(pattern: int) -> int:
+        return sum(pattern << (i * _LANE * 8) for i in range(_BATCH))
+
+    keep_prefix = _from_bytes(_SEP_PREFIX, "big") << 128
+    steps = []
+    for width, group in ((128, 40), (64, 20), (32, 10), (16, 5)):
+        high = low = 0
+        for offset in range(0, 128, width):
+            high |= ((1 << group) - 1) << (offset + group)
+            low |= ((1 << group) - 1) << offset
+        steps.append((repeat(high), width // 2 - group, repeat(low | keep_prefix)))
+    return tuple(steps)
+
+
+_SPREAD = _spread_masks()
+_LANE_HEAD = _SEP_PREFIX + bytes(_LANE - 10 - len(_SEP_PREFIX))
+
+
+def sep_chains(prefix: str, hostports: Sequence[str]) -> list[str]:
+    """`"KUBE-SEP-" + hash16(prefix + hp)` for each host:port, in order.
+
+    A cold render names one SEP chain per endpoint, the dearest step of it: here the port's
+    prefix is hashed once (the digest state is copied per endpoint) and the base32 encoding
+    of a batch of names is a handful of big-integer operations instead of a dozen per name."""
+    base = _sha256(prefix.encode())
+    out: list[str] = []
+    for start in range(0, len(hostports), _BATCH):
+        digests: list[bytes] = []
+        append = digests.append
+        for hp in hostports[start : start + _BATCH]:
+            h = base.copy()
+            h.update(hp.encode())
+            append(h.digest()[:10])
+        n = len(digests)
+        y = _from_bytes(_LANE_HEAD + _LANE_HEAD.join(digests), "big")
+        for high, shift, low in _SPREAD:
+            y = ((y & high) << shift) | (y & low)
+        text = y.to_bytes(n * _LANE, "big").translate(_B32_TABLE).decode()
+        out.extend([text[i : i + _LANE] for i in range(0, n * _LANE, _LANE)])
+    return out
 
 
 _hash = hash16

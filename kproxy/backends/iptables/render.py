@@ -15,15 +15,14 @@ route_localnet sysctl).
 
 from __future__ import annotations
 
-import gc
 import ipaddress
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
-from kproxy.backends.iptables.naming import hash16
+from kproxy.backends.iptables.naming import hash16, sep_chains
 from kproxy.backends.iptables.ruleset import Chain, ChainKey, PortRules, Table, restore_payload
 from kproxy.config import RenderConfig
+from kproxy.gcpause import gc_paused
 from kproxy.state.model import Endpoint, ServicePort, ServicePortName
 from kproxy.state.topology import categorize, external_local, uses_cluster, uses_local
 
@@ -67,22 +66,53 @@ _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 def _clean(text: str) -> str:
     """Comments are data from the API; keep only characters that cannot end a quoted
     iptables-restore argument or a line, whatever a validator upstream let through."""
-    if len(text) <= 200 and all(c in _SAFE for c in text):
+    if len(text) <= 200 and _SAFE.issuperset(text):
         return text
     return "".join(c if c in _SAFE else "_" for c in text)[:200]
 
 
-@lru_cache(maxsize=131072)
-def _sep(text: str) -> str:
+class _SepNames(dict[tuple[int, str], dict[str, str]]):
     """SEP names outlive their port's render: when one endpoint of a service changes, the
-    others keep their names, and hashing is the dearest step per endpoint."""
-    return "KUBE-SEP-" + hash16(text)
+    others keep their names, and hashing is the dearest step per endpoint. Keyed by (family,
+    hash prefix) and replaced by each render of the port, so endpoints that went away drop out."""
+
+    limit = 65536
+
+    def cache_clear(self) -> None:
+        self.clear()
+
+
+_sep = _SepNames()
+
+
+def _sep_names(family: int, prefix: str, hps: list[str]) -> list[str]:
+    if not hps:
+        return []
+    key = (family, prefix)
+    known = _sep.get(key)
+    if known is None:
+        seps = sep_chains(prefix, hps)
+    else:
+        missing = [hp for hp in hps if hp not in known]
+        if missing:
+            known = {**known, **dict(zip(missing, sep_chains(prefix, missing), strict=True))}
+        seps = [known[hp] for hp in hps]
+    if known is None and len(_sep) >= _sep.limit:
+        _sep.clear()
+    _sep[key] = dict(zip(hps, seps, strict=True))
+    return seps
 
 
 @lru_cache(maxsize=4096)
 def probability(n: int) -> str:
     """1/n with ten decimals, as kube-proxy writes it (formatting floats is slow, hence the cache)."""
     return f"{1.0 / n:.10f}"
+
+
+@lru_cache(maxsize=1024)
+def _probabilities(n: int) -> tuple[str, ...]:
+    """The `--probability` of rules 0..n-2 of an n-endpoint spread (the last rule has none)."""
+    return tuple(probability(n - i) for i in range(n - 1))
 
 
 def _reject(family: int) -> str:
@@ -102,6 +132,13 @@ def _in_any(ip: str, cidrs: tuple[str, ...]) -> bool:
         if net.version == addr.version and addr in net:
             return True
     return False
+
+
+@lru_cache(maxsize=64)
+def _local_cidr(cfg: RenderConfig) -> str:
+    """kube-proxy's local-traffic detector takes one CIDR per family ("! -s A ! -s B" is no rule)."""
+    v6 = cfg.family == 6
+    return next((c for c in cfg.local_cidrs if (":" in c) == v6), "")
 
 
 class _Port:
@@ -138,25 +175,26 @@ class _Port:
         self.sel = sel = categorize(sp, endpoints, cfg.node_zone)
         v6 = cfg.family == 6
         self.host = "/128" if v6 else "/32"
-        self.name = _clean(str(sp.name))
+        port_name = str(sp.name)
+        self.name = _clean(port_name)
         proto = sp.protocol.lower()
         self.pm = f"-m {proto} -p {proto}"
         self.vip = f"{sp.cluster_ip}{self.host}"
         self.dport = f"--dport {sp.port}"
-        self.prefix = str(sp.name) + proto  # what chain-name hashes start with
+        self.prefix = port_name + proto  # what chain-name hashes start with
         port_hash = hash16(self.prefix)
         self.svc = "KUBE-SVC-" + port_hash
         self.svl = "KUBE-SVL-" + port_hash
         self.ext = "KUBE-EXT-" + port_hash
         self.fw = "KUBE-FW-" + port_hash
-        # kube-proxy's local-traffic detector takes one CIDR per family ("! -s A ! -s B" is no rule).
-        self.local_cidr = next((c for c in cfg.local_cidrs if (":" in c) == v6), "")
+        self.local_cidr = _local_cidr(cfg)
         self.ext_local = external_local(sp)
         self.has_any = sel.has_any
         self.has_internal = sel.has_any and (not sp.internal_local or bool(sel.local))
         self.has_external = sel.has_any and (not self.ext_local or bool(sel.local))
         self.internal_chain = self.svl if sp.internal_local else self.svc
-        self.lb_ranges = tuple(c for c in sp.load_balancer_source_ranges if (":" in c) == v6)
+        ranges = sp.load_balancer_source_ranges
+        self.lb_ranges = tuple(c for c in ranges if (":" in c) == v6) if ranges else ()
         self.uses_fw = sel.has_any and bool(sp.load_balancer_ips) and bool(self.lb_ranges)
 
 
@@ -171,15 +209,15 @@ def render_port(sp: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderCon
         own.append(Chain("nat", p.fw, _fw_rules(p)))
     sel = p.sel
     reach = sel.reachable
-    hps = [ep.hostport for ep in reach]
-    seps = [_sep(p.prefix + hp) for hp in hps]
+    # Endpoint.hostport, inlined: a property call per endpoint shows in a cold render.
+    hps = [f"[{ep.ip}]:{ep.port}" if ":" in ep.ip else f"{ep.ip}:{ep.port}" for ep in reach]
+    seps = _sep_names(cfg.family, p.prefix, hps)
     if sel.cluster and uses_cluster(sp):
-        rules = _spread(p, p.svc, *_pick(sel.cluster, reach, hps, seps))
-        own.append(Chain("nat", p.svc, (*_masquerade(p, p.svc), *rules)))
+        own.append(Chain("nat", p.svc, _spread(p, p.svc, *_pick(sel.cluster, reach, hps, seps))))
     if sel.local and uses_local(sp):
-        rules = _spread(p, p.svl, *_pick(sel.local, reach, hps, seps))
-        own.append(Chain("nat", p.svl, (*_masquerade(p, p.svl), *rules)))
-    own.extend(_endpoint_chains(p, reach, hps, seps))
+        own.append(Chain("nat", p.svl, _spread(p, p.svl, *_pick(sel.local, reach, hps, seps))))
+    if reach:
+        own.extend(_endpoint_chains(p, reach, hps, seps))
     return PortRules(tuple(own), _capture(p))
 
 
@@ -246,28 +284,33 @@ def _capture(p: _Port) -> tuple[Chain, ...]:
             f'-A {NODEPORTS} -m comment --comment "{name} health check node port" '
             f"-m tcp -p tcp --dport {sp.health_check_node_port} -j ACCEPT"
         )
-    pieces = (
-        (NAT_SERVICES, nat),
-        (NAT_NODEPORTS, nodeports),
-        (FILTER_SERVICES, f_services),
-        (FILTER_EXTERNAL, f_external),
-        (FILTER_FIREWALL, f_firewall),
-        (FILTER_NODEPORTS, f_nodeports),
-    )
-    return tuple(Chain(table, chain, tuple(rules)) for (table, chain), rules in pieces if rules)
+    out: list[Chain] = []
+    if nat:
+        out.append(Chain("nat", SERVICES, tuple(nat)))
+    if nodeports:
+        out.append(Chain("nat", NODEPORTS, tuple(nodeports)))
+    if f_services:
+        out.append(Chain("filter", SERVICES, tuple(f_services)))
+    if f_external:
+        out.append(Chain("filter", EXTERNAL_SERVICES, tuple(f_external)))
+    if f_firewall:
+        out.append(Chain("filter", PROXY_FIREWALL, tuple(f_firewall)))
+    if f_nodeports:
+        out.append(Chain("filter", NODEPORTS, tuple(f_nodeports)))
+    return tuple(out)
 
 
-def _masquerade(p: _Port, chain: str) -> tuple[str, ...]:
+def _masquerade(p: _Port, chain: str) -> list[str]:
     """First rule of the chain cluster IP traffic enters: mark what does not come from a pod
     (or everything, with masquerade-all), so replies from another node come back through this one."""
     if chain != p.internal_chain or not p.has_internal:
-        return ()
+        return []
     args = f'-m comment --comment "{p.name} cluster IP" {p.pm} -d {p.vip} {p.dport}'
     if p.cfg.masquerade_all:
-        return (f"-A {chain} {args} -j {MARK_MASQ}",)
+        return [f"-A {chain} {args} -j {MARK_MASQ}"]
     if p.local_cidr:
-        return (f"-A {chain} {args} ! -s {p.local_cidr} -j {MARK_MASQ}",)
-    return ()
+        return [f"-A {chain} {args} ! -s {p.local_cidr} -j {MARK_MASQ}"]
+    return []
 
 
 def _ext_rules(p: _Port) -> tuple[str, ...]:
@@ -317,13 +360,24 @@ def _endpoint_chains(p: _Port, reach: tuple[Endpoint, ...], hps: list[str], seps
     under affinity, remember the client for the KUBE-SVC `--rcheck` rules."""
     comment = f" -m comment --comment {p.name}" if p.cfg.comments else ""
     dnat = f" {p.pm} -j DNAT --to-destination "
-    host = p.host
-    out = []
-    for ep, hp, sep in zip(reach, hps, seps, strict=True):
-        sticky = f" -m recent --name {sep} --set" if p.sp.affinity_timeout else ""
-        rules = (f"-A {sep}{comment} -s {ep.ip}{host} -j {MARK_MASQ}", f"-A {sep}{comment}{sticky}{dnat}{hp}")
-        out.append(Chain("nat", sep, rules))
-    return out
+    masq = f"{p.host} -j {MARK_MASQ}"
+    if p.sp.affinity_timeout:
+        return [
+            Chain(
+                "nat",
+                sep,
+                (
+                    f"-A {sep}{comment} -s {ep.ip}{masq}",
+                    f"-A {sep}{comment} -m recent --name {sep} --set{dnat}{hp}",
+                ),
+            )
+            for ep, hp, sep in zip(reach, hps, seps, strict=True)
+        ]
+    dnat = comment + dnat
+    return [
+        Chain("nat", sep, (f"-A {sep}{comment} -s {ep.ip}{masq}", f"-A {sep}{dnat}{hp}"))
+        for ep, hp, sep in zip(reach, hps, seps, strict=True)
+    ]
 
 
 def _pick(
@@ -338,25 +392,34 @@ def _pick(
     return [hps[i] for i in idx], [seps[i] for i in idx]
 
 
-def _spread(p: _Port, chain: str, hps: list[str], seps: list[str]) -> list[str]:
-    """Affinity checks first (a known client goes back to its endpoint), then endpoint i of n
-    taken with probability 1/(n-i), which spreads new connections evenly."""
-    rules: list[str] = []
-    comments = p.cfg.comments
-    pre = f'-A {chain} -m comment --comment "{p.name} -> ' if comments else ""
+def _spread(p: _Port, chain: str, hps: list[str], seps: list[str]) -> tuple[str, ...]:
+    """The port's masquerade rule, affinity checks (a known client goes back to its endpoint),
+    then endpoint i of n taken with probability 1/(n-i), which spreads new connections evenly.
+    `seps` is never empty."""
+    rules = _masquerade(p, chain)
+    if p.cfg.comments:
+        pre = f'-A {chain} -m comment --comment "{p.name} -> '
+        heads = [f'{pre}{hp}"' for hp in hps]
+    else:
+        heads = [f"-A {chain}"] * len(hps)
     affinity = p.sp.affinity_timeout
     if affinity:
-        for hp, sep in zip(hps, seps, strict=True):
-            head = f'{pre}{hp}"' if comments else f"-A {chain}"
-            rules.append(f"{head} -m recent --name {sep} --rcheck --seconds {affinity} --reap -j {sep}")
-    n = len(seps)
-    for i, (hp, sep) in enumerate(zip(hps, seps, strict=True)):
-        head = f'{pre}{hp}"' if comments else f"-A {chain}"
-        if i < n - 1:
-            rules.append(f"{head} -m statistic --mode random --probability {probability(n - i)} -j {sep}")
-        else:
-            rules.append(f"{head} -j {sep}")
-    return rules
+        tail = f" --seconds {affinity} --reap -j "
+        rules.extend(
+            [
+                f"{head} -m recent --name {sep} --rcheck{tail}{sep}"
+                for head, sep in zip(heads, seps, strict=True)
+            ]
+        )
+    # zip stops at the shorter probabilities: every endpoint but the last.
+    rules.extend(
+        [
+            f"{head} -m statistic --mode random --probability {prob} -j {sep}"
+            for head, prob, sep in zip(heads, _probabilities(len(seps)), seps, strict=False)
+        ]
+    )
+    rules.append(f"{heads[-1]} -j {seps[-1]}")
+    return tuple(rules)
 
 
 @lru_cache(maxsize=64)
@@ -399,17 +462,18 @@ def assemble(ports: Iterable[PortRules], cfg: RenderConfig) -> dict[ChainKey, tu
     """The whole ruleset of one family: top-level chains first, then every port's own chains,
     in the order the ports are given (callers sort them by ServicePortName)."""
     shared: dict[ChainKey, list[str]] = {key: [] for key in TOP_LEVEL}
-    own: dict[ChainKey, tuple[str, ...]] = {}
+    # Own chains go straight into the result (after placeholders that fix the top-level
+    # chains' place): copying 100,000 entries from a second dict costs more than the rest.
+    out: dict[ChainKey, tuple[str, ...]] = dict.fromkeys(TOP_LEVEL, ())
     for pr in ports:
         for ch in pr.shared:
             shared[ch.table, ch.name].extend(ch.rules)
         for ch in pr.own:
-            own[ch.table, ch.name] = ch.rules
-    fixed = _fixed(cfg)
-    for key, rules in fixed.items():
+            out[ch.table, ch.name] = ch.rules
+    for key, rules in _fixed(cfg).items():
         shared[key].extend(rules)
-    out: dict[ChainKey, tuple[str, ...]] = {key: tuple(rules) for key, rules in shared.items()}
-    out.update(own)
+    for key, lines in shared.items():
+        out[key] = tuple(lines)
     return out
 
 
@@ -448,23 +512,6 @@ def builtin_jumps(cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
 
 
 View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector around a full render.
-
-    A cold render allocates a few hundred thousand long-lived objects (chains, rule
-    tuples) and no reference cycles; left on, the collector rescans the growing heap
-    again and again, which costs about a third of the render. Reference counting
-    still frees everything as usual."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def render_view(view: View, cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
