@@ -53,14 +53,11 @@ class IptablesProxier:
                 payload_bytes=result.payload_bytes,
                 restore_s=f"{result.restore_s:.4f}",
             )
-        rules = {"nat": 0, "filter": 0}
-        for (table, _), chain_rules in engine.applied.items():
-            rules[table] = rules.get(table, 0) + len(chain_rules)
         return SyncReport(
             full=result.full,
             chains_written=result.chains_written,
             chains_deleted=result.chains_deleted,
-            rules=rules,
+            rules=dict(engine.rule_counts),
         )
 
     async def close(self) -> None:
