@@ -1,6 +1,6 @@
 """Stale UDP conntrack cleanup on a big table, kproxy's netlink reader against pyroute2's Conntrack API.
 
-    /tmp/venv/bin/python bench/conntrack_bench.py [--flows 20000] [--pyroute2]
+    .venv/bin/python bench/conntrack_bench.py [--flows 20000] [--pyroute2]
 
 Needs root. Builds a throwaway node namespace (deleted on exit), sends `--flows`
 UDP datagrams from distinct sockets to two DNATed service IPs (half each), then

@@ -14,7 +14,7 @@ lists them through the real `kubernetes` client in several ways, printing object
   ApiSource       kproxy.sources.apiwatch end to end: start until every first list is delivered,
                   as shipped (GC paused per list page) and with the pause switched off
 
-Run:  PYTHONPATH=. /tmp/venv/bin/python bench/decode_bench.py [--count 10000] [--repeat 3]
+Run:  PYTHONPATH=. .venv/bin/python bench/decode_bench.py [--count 10000] [--repeat 3]
 """
 
 from __future__ import annotations

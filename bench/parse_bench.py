@@ -1,6 +1,6 @@
 """Parse throughput on synthetic API objects (plain dicts, as json.loads gives them).
 
-    /tmp/venv/bin/python bench/parse_bench.py [--objects 20000] [--endpoints 5] [--batch | --view]
+    .venv/bin/python bench/parse_bench.py [--objects 20000] [--endpoints 5] [--batch | --view]
 
 Half Services (two named ports, ClusterIP), half EndpointSlices (two ports, N endpoints
 with conditions, node name and zone). Every address is distinct, so the first pass

@@ -1,6 +1,6 @@
 """Full iptables render of N services x M endpoints: cold cache, then warm.
 
-    /tmp/venv/bin/python bench/render_bench.py [--services 10000] [--endpoints 10]
+    .venv/bin/python bench/render_bench.py [--services 10000] [--endpoints 10]
 
 Prints, for render_port over all ports, assemble and restore_payload: wall seconds and
 process CPU seconds (the latter less disturbed by other load on a shared machine), with

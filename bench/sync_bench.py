@@ -1,7 +1,7 @@
 """How close kproxy's iptables syncs come to the kernel's own floor, on a real kernel.
 
-    /tmp/venv/bin/python -m bench.sync_bench            # everything, both backends (minutes)
-    /tmp/venv/bin/python -m bench.sync_bench --quick    # 1,000 services, nft only
+    .venv/bin/python -m bench.sync_bench            # everything, both backends (minutes)
+    .venv/bin/python -m bench.sync_bench --quick    # 1,000 services, nft only
 
 Each case runs in a private network namespace (created here, always deleted) in its own
 worker process, so peak memory (ru_maxrss of the worker) is one case's. Per cluster:

@@ -1,7 +1,7 @@
 """Userspace proxy benchmark: the same namespaces and the same load for every contender.
 
-    sudo /tmp/venv/bin/python bench/userspace_bench.py            # full run (~3 min)
-    sudo /tmp/venv/bin/python bench/userspace_bench.py --quick    # smoke run (~1 min)
+    sudo .venv/bin/python bench/userspace_bench.py            # full run (~3 min)
+    sudo .venv/bin/python bench/userspace_bench.py --quick    # smoke run (~1 min)
 
 Topology (all fresh namespaces, removed at exit even on failure):
 
