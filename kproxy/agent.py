@@ -49,6 +49,8 @@ class SyncReport:
     chains_deleted: int = 0
     rules: Mapping[str, int] | None = None
     """Rule count per table after the sync, for kubeproxy_sync_proxy_rules_iptables_total."""
+    rules_written: Mapping[str, int] | None = None
+    """Rules this sync wrote per table, for kubeproxy_sync_proxy_rules_iptables_last."""
 
 
 class Backend(Protocol):
@@ -186,7 +188,9 @@ class NodeAgent:
             self.metrics.observe_network_programming(family, triggers, time.time())
         if report.rules:
             for table, total in report.rules.items():
-                self.metrics.set_rules(family, table, total=total, last=report.chains_written)
+                self.metrics.set_rules(
+                    family, table, total=total, last=(report.rules_written or {}).get(table, 0)
+                )
 
     async def _clean_conntrack(self, family: Family) -> None:
         """Stale UDP flows black-hole clients after an endpoint goes; clear them (never fatal)."""

@@ -58,6 +58,7 @@ class IptablesProxier:
             chains_written=result.chains_written,
             chains_deleted=result.chains_deleted,
             rules=dict(engine.rule_counts),
+            rules_written=dict(result.rules_written),
         )
 
     async def close(self) -> None:

@@ -72,6 +72,8 @@ class SyncResult:
     check_s: float = 0.0
     """Reading the kernel: the canary check, and the chain list on a full sync."""
     jumps_inserted: int = 0
+    rules_written: tuple[tuple[str, int], ...] = ()
+    """Rules written per table, for kubeproxy_sync_proxy_rules_iptables_last."""
 
     @property
     def total_s(self) -> float:
@@ -102,6 +104,13 @@ class _Plan:
     @property
     def written(self) -> int:
         return sum(map(len, self.groups)) + len(self.top)
+
+    def rules_written(self) -> tuple[tuple[str, int], ...]:
+        counts: dict[str, int] = {}
+        for chains in (*self.groups, self.top):
+            for (table, _), rules in chains.items():
+                counts[table] = counts.get(table, 0) + len(rules)
+        return tuple(sorted(counts.items()))
 
     def empty(self) -> bool:
         return not self.top and not self.deleted and not any(self.groups)
@@ -324,6 +333,7 @@ class SyncEngine:
             diff_s=diff_s,
             restore_s=restore_s,
             check_s=check_s,
+            rules_written=plan.rules_written(),
         )
 
     def _share(self, name: ServicePortName, key: ChainKey, rules: Rules) -> None:
@@ -428,6 +438,7 @@ class SyncEngine:
             restore_s=restore_s,
             check_s=check_s + (t3 - t2),
             jumps_inserted=inserted,
+            rules_written=plan.rules_written(),
         )
 
     def _adopt(self, plan: _Plan, existing: set[ChainKey]) -> dict[ChainKey, Rules]:

@@ -66,7 +66,8 @@ class UserspaceMode:
         )
         chains = steering.render_all({n: (ports[n][0], p) for n, p in listening.items() if n in ports}, scfg)
         full = family not in self._jumps_ensured
-        if full or chains != self._applied.get(family):
+        wrote = full or chains != self._applied.get(family)
+        if wrote:
             payload = restore_payload(chains)
             await asyncio.to_thread(self.restorer.apply, family, payload, True)
             self._applied[family] = chains
@@ -77,7 +78,8 @@ class UserspaceMode:
         rules = {"nat": 0, "filter": 0}
         for (table, _), lines in chains.items():
             rules[table] += len(lines)
-        return SyncReport(full=full, chains_written=len(chains), rules=rules)
+        written = rules if wrote else {"nat": 0, "filter": 0}
+        return SyncReport(full=full, chains_written=len(chains), rules=rules, rules_written=written)
 
     async def close(self) -> None:
         """Listeners close (their connections get a deadline to finish); steering rules stay
