@@ -20,7 +20,7 @@ import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
 from kproxy import log
 from kproxy.changes import ChangeTracker, FamilyView, PortEntry
@@ -40,6 +40,9 @@ from kproxy.settings import Settings
 from kproxy.sources.apiwatch import SourceEvent
 from kproxy.sources.dirwatch import watch_directory
 from kproxy.state.model import EndpointSlice, Family, ServiceKey, ServicePortName
+
+if TYPE_CHECKING:
+    from kproxy.backends.iptables.conntrack import ConntrackClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +95,7 @@ class NodeAgent:
         self._servers: list[HealthServer | MetricsServer] = []
         self.service_health = ServiceHealthServer(self.health.is_healthy, node_name=settings.node_name)
         self.syncs = 0
-        self.conntrack: object | None = None
+        self.conntrack: ConntrackClient | None = None
 
     # ------------------------------------------------------------ changes in
 
@@ -194,13 +197,13 @@ class NodeAgent:
 
     async def _clean_conntrack(self, family: Family) -> None:
         """Stale UDP flows black-hole clients after an endpoint goes; clear them (never fatal)."""
-        from kproxy.backends.iptables.conntrack import ConntrackClient, clean_stale_entries_async
+        from kproxy.backends.iptables.conntrack import clean_stale_entries_async
 
-        client = self.conntrack
-        assert client is not None
+        if self.conntrack is None:
+            return
         try:
             result = await clean_stale_entries_async(
-                cast(ConntrackClient, client), family, self.views[family].ports.values()
+                self.conntrack, family, self.views[family].ports.values()
             )
         except OSError as e:
             log.warn("conntrack_cleanup_failed", family=family, error=str(e))

@@ -58,6 +58,8 @@ _KNOWN_CONFIG_FIELDS = frozenset(
         "minSyncPeriod",
     }
 )
+_PERIODS = {"syncPeriod": "sync_period", "minSyncPeriod": "min_sync_period"}
+"""Accepted at the top level (newer kube-proxy) and under `iptables` (older), same meaning."""
 _IPTABLES_FIELDS = frozenset(
     {"masqueradeAll", "masqueradeBit", "syncPeriod", "minSyncPeriod", "localhostNodePorts"}
 )
@@ -201,10 +203,8 @@ def load_config_file(path: str) -> dict[str, Any]:
             out["cluster_cidr"] = _cidrs(opt, value)
         elif key == "nodePortAddresses":
             out["nodeport_addresses"] = _nodeport_addresses(opt, value)
-        elif key == "syncPeriod":
-            out["sync_period"] = parse_duration(opt, value)
-        elif key == "minSyncPeriod":
-            out["min_sync_period"] = parse_duration(opt, value)
+        elif key in _PERIODS:
+            out[_PERIODS[key]] = parse_duration(opt, value)
         elif key == "iptables":
             if not isinstance(value, dict):
                 raise ConfigError(opt, "must be a mapping")
@@ -218,10 +218,8 @@ def load_config_file(path: str) -> dict[str, Any]:
                     out["masquerade_all"] = _bool(iopt, iv)
                 elif ik == "masqueradeBit":
                     out["masquerade_bit"] = _masq_bit(iopt, iv)
-                elif ik == "syncPeriod":
-                    out["sync_period"] = parse_duration(iopt, iv)
-                elif ik == "minSyncPeriod":
-                    out["min_sync_period"] = parse_duration(iopt, iv)
+                elif ik in _PERIODS:
+                    out[_PERIODS[ik]] = parse_duration(iopt, iv)
     return out
 
 

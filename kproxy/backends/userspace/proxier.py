@@ -181,32 +181,23 @@ class UserspaceProxier:
                     )
                     port = raw.open(self.bind_ip, 0, self.backlog)
                     p = _Port(sp, balancer, port, raw=raw, endpoints=tuple(endpoints))
-                    log.info(
-                        "userspace_listener_opened",
-                        service=label,
-                        protocol=sp.protocol,
-                        bind=self.bind_ip,
-                        port=port,
-                        endpoints=len(balancer.targets),
-                        algorithm=balancer.algorithm,
-                    )
-                    return p
-                tcp = TcpService(
-                    label,
-                    balancer,
-                    self.gate,
-                    loop=loop,
-                    proto_number=IPPROTO_SCTP if sctp else 0,
-                    dial_timeouts=self.dial_timeouts,
-                )
-                if sctp:
-                    server = await open_listener(tcp, self.bind_ip, 0, self.backlog)
                 else:
-                    server = await loop.create_server(
-                        tcp.protocol, self.bind_ip, 0, backlog=self.backlog, reuse_address=True
+                    tcp = TcpService(
+                        label,
+                        balancer,
+                        self.gate,
+                        loop=loop,
+                        proto_number=IPPROTO_SCTP if sctp else 0,
+                        dial_timeouts=self.dial_timeouts,
                     )
-                port = int(server.sockets[0].getsockname()[1])
-                p = _Port(sp, balancer, port, tcp=tcp, server=server, endpoints=tuple(endpoints))
+                    if sctp:
+                        server = await open_listener(tcp, self.bind_ip, 0, self.backlog)
+                    else:
+                        server = await loop.create_server(
+                            tcp.protocol, self.bind_ip, 0, backlog=self.backlog, reuse_address=True
+                        )
+                    port = int(server.sockets[0].getsockname()[1])
+                    p = _Port(sp, balancer, port, tcp=tcp, server=server, endpoints=tuple(endpoints))
         except OSError as e:
             log.error(
                 "userspace_listener_failed",
