@@ -35,15 +35,14 @@ from typing import Final
 
 from kproxy import log
 from kproxy.backends.userspace.balancer import Balancer, Target
-from kproxy.backends.userspace.tcp import DIAL_TIMEOUTS, Gate
+from kproxy.backends.userspace.tcp import DIAL_TIMEOUTS, PARK_BACKOFF, PARK_LIMIT, SHORT_OF_FDS, Gate
 
 _BUF_SIZE: Final = 256 * 1024
 _BUF = bytearray(_BUF_SIZE)
 _VIEW = memoryview(_BUF)
 _ACCEPT_BURST: Final = 256
-_ACCEPT_BACKOFF: Final = 0.1
+_ACCEPT_BACKOFF: Final = PARK_BACKOFF
 _ACCEPT_WARN_EVERY: Final = 5.0
-_SHORT_OF_FDS: Final = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _POLL_BATCH: Final = 1024
 _LINGER0: Final = struct.pack("ii", 1, 0)
 _SPLICE_CHUNK: Final = 1 << 20
@@ -147,6 +146,7 @@ class RawTcpService:
     __slots__ = (
         "_accept_warned",
         "_tick",
+        "accept_paused",
         "balancer",
         "connecting",
         "conns",
@@ -187,6 +187,7 @@ class RawTcpService:
         self.connecting: dict[_Conn, float] = {}
         self._tick: asyncio.TimerHandle | None = None
         self._accept_warned = -1e9
+        self.accept_paused = False
         self.lsock: socket.socket | None = None
         self.lfd = -1
         self.family = socket.AF_INET
@@ -276,11 +277,13 @@ class RawTcpService:
         if now - self._accept_warned >= _ACCEPT_WARN_EVERY:
             self._accept_warned = now
             log.warn("userspace_accept_failed", service=self.name, error=repr(e), open=self.gate.open)
-        if self.lsock is not None:
+        if self.lsock is not None and not self.accept_paused:
+            self.accept_paused = True
             self.reactor.watch(self.lfd, 0)
             self.loop.call_later(_ACCEPT_BACKOFF, self._resume_accept)
 
     def _resume_accept(self) -> None:
+        self.accept_paused = False
         if self.lsock is not None:
             self.reactor.watch(self.lfd, select.EPOLLIN)
 
@@ -487,6 +490,7 @@ class _Conn:
         "client_ev",
         "client_ip",
         "closed",
+        "parked",
         "svc",
         "target",
         "tried",
@@ -504,6 +508,7 @@ class _Conn:
         self.target: Target | None = None
         self.tried: list[Target] = []
         self.attempt = 0
+        self.parked = 0
         self.closed = False
         self.client_ev = 0
         """Client events seen while dialing: the edge is spent, so it is replayed once connected."""
@@ -551,19 +556,22 @@ class _Conn:
                 return
             self.target = target
             timeout = svc.dial_timeouts[self.attempt]
-            self.attempt += 1
             family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
             try:
                 u = Sock(family, _SOCK_STREAM_NB, svc.proto_number)
             except OSError as e:
                 self.target = None
-                if e.errno in _SHORT_OF_FDS:
-                    svc.pause_accept(e)  # and try this connection again in a moment
+                if e.errno in SHORT_OF_FDS and self.parked < PARK_LIMIT:
+                    # Our shortage, not the endpoint's failure: no attempt is spent, and the
+                    # client waits until a closing connection frees a descriptor.
+                    self.parked += 1
+                    svc.pause_accept(e)
                     svc.loop.call_later(_ACCEPT_BACKOFF, self.dial)
                     return
                 log.error("userspace_socket_failed", service=svc.name, error=repr(e))
                 self._give_up()
                 return
+            self.attempt += 1
             if svc.nodelay:
                 u.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = u.connect_ex(target)

@@ -15,6 +15,7 @@ when one side's write buffer passes the high-water mark its protocol gets
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import time
 from collections.abc import Callable
@@ -26,6 +27,11 @@ from kproxy.backends.userspace.balancer import Balancer, Target
 
 DIAL_TIMEOUTS: Final[tuple[float, ...]] = (0.25, 0.5, 1.0, 2.0)
 """Per-attempt connect timeouts; each failure moves on to the next endpoint, as kube-proxy's userspace mode did."""
+SHORT_OF_FDS: Final = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+PARK_BACKOFF: Final = 0.1
+PARK_LIMIT: Final = 300
+"""A dial that finds no free descriptor waits PARK_BACKOFF and tries again, up to 30 s in all,
+rather than failing the endpoint or resetting the client."""
 WRITE_HIGH: Final = 256 * 1024
 WRITE_LOW: Final = 64 * 1024
 _LIMIT_LOG_INTERVAL: Final = 5.0
@@ -267,7 +273,10 @@ class _Client(asyncio.Protocol):
         balancer = svc.balancer
         loop = svc.loop
         tried: list[Target] = []
-        for timeout in svc.dial_timeouts:
+        parked = 0
+        timeouts = iter(svc.dial_timeouts)
+        timeout = next(timeouts, None)
+        while timeout is not None:
             if self.closed:
                 return
             target = balancer.pick(client_ip, tried)
@@ -284,11 +293,17 @@ class _Client(asyncio.Protocol):
                     else:
                         transport, _ = await loop.create_connection(up.me, target[0], target[1])
             except (OSError, TimeoutError) as e:
+                if isinstance(e, OSError) and e.errno in SHORT_OF_FDS and parked < PARK_LIMIT:
+                    # Our shortage, not the endpoint's failure: wait for a descriptor, spend no attempt.
+                    parked += 1
+                    await asyncio.sleep(PARK_BACKOFF)
+                    continue
                 tried.append(target)
                 balancer.failed(client_ip, target)
                 ep = f"[{target[0]}]:{target[1]}" if ":" in target[0] else f"{target[0]}:{target[1]}"
                 svc.gate.hooks.dial_failure(svc.name, ep)
                 log.debug("userspace_dial_failed", service=svc.name, endpoint=ep, error=repr(e))
+                timeout = next(timeouts, None)
                 continue
             if self.closed:
                 transport.close()
