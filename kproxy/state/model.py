@@ -10,6 +10,7 @@ backend can cache on equality and a change tracker can drop no-op updates cheapl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Literal
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
@@ -64,6 +65,11 @@ class ServicePortName:
         if self.port_name:
             return f"{self.namespace}/{self.name}:{self.port_name}"
         return f"{self.namespace}/{self.name}"
+
+
+port_order = attrgetter("namespace", "name", "port_name", "protocol")
+"""Sort key giving ServicePortName's own order: the dataclass's `<` is Python code, this key
+is C, and sorting 10,000 names by it is several times faster."""
 
 
 # ---------------------------------------------------------------- object layer

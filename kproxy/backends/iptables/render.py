@@ -23,7 +23,7 @@ from kproxy.backends.iptables.naming import hash16, sep_chains
 from kproxy.backends.iptables.ruleset import Chain, ChainKey, PortRules, Table, restore_payload
 from kproxy.config import RenderConfig
 from kproxy.gcpause import gc_paused
-from kproxy.state.model import Endpoint, ServicePort, ServicePortName
+from kproxy.state.model import Endpoint, ServicePort, ServicePortName, port_order
 from kproxy.state.topology import categorize, external_local, uses_cluster, uses_local
 
 SERVICES = "KUBE-SERVICES"
@@ -516,7 +516,7 @@ View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 
 def render_view(view: View, cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
     with gc_paused():
-        return assemble((render_port(sp, eps, cfg) for _, (sp, eps) in sorted(view.items())), cfg)
+        return assemble((render_port(*view[name], cfg) for name in sorted(view, key=port_order)), cfg)
 
 
 def render_snapshot(view: View, cfg: RenderConfig) -> str:

@@ -43,7 +43,7 @@ from kproxy.backends.iptables.ruleset import TABLES, ChainKey, PortRules, restor
 from kproxy.config import RenderConfig
 from kproxy.errors import RestoreError
 from kproxy.gcpause import gc_paused
-from kproxy.state.model import Endpoint, ServicePort, ServicePortName
+from kproxy.state.model import Endpoint, ServicePort, ServicePortName, port_order
 
 View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 Rules = tuple[str, ...]
@@ -360,16 +360,19 @@ class SyncEngine:
         t0 = time.perf_counter()
         cfg = self.cfg
         ports: dict[ServicePortName, _Port] = {}
+        plan = _Plan()
+        # One pause over render and plan, and at 10,000 services the freeze inside it: the
+        # render's objects live until the next full sync and form no cycles, so they go out
+        # of the collector's sight before it comes back, rather than be scanned once on its
+        # return and again by every later full collection.
         with gc_paused():
-            for name in sorted(view):
+            for name in sorted(view, key=port_order):
                 sp, eps = view[name]
                 ports[name] = _Port(sp, eps, render_port(sp, eps, cfg))
-        t1 = time.perf_counter()
-        self._ports = ports
-        self._shared = {}
-        self._order = {}
-        plan = _Plan()
-        with gc_paused():
+            t1 = time.perf_counter()
+            self._ports = ports
+            self._shared = {}
+            self._order = {}
             for name, port in ports.items():
                 for c in port.rules.shared:
                     key = (c.table, c.name)
@@ -379,11 +382,8 @@ class SyncEngine:
                     plan.groups.append({(c.table, c.name): c.rules for c in port.rules.own})
             for key in {**self._fixed, **self._shared}:
                 plan.top[key] = self._top(key)
-        if len(ports) >= FREEZE_MIN_PORTS:
-            # The render's objects live until the next full sync and form no cycles: move them
-            # (and whatever else is alive) out of the collector's sight, or every later full
-            # collection rescans them all, a tenth of a second each at 10,000 services.
-            gc.freeze()
+            if len(ports) >= FREEZE_MIN_PORTS:
+                gc.freeze()
         t2 = time.perf_counter()
         wanted: set[ChainKey] = set(plan.top)
         for group in plan.groups:
