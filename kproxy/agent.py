@@ -29,10 +29,9 @@ from kproxy.errors import KproxyError
 from kproxy.health import (
     HealthServer,
     ProxierHealth,
+    ServiceHealthIndex,
     ServiceHealthServer,
-    health_check_ports,
     healthz_response,
-    local_ready_endpoints,
 )
 from kproxy.metrics import Metrics, MetricsServer
 from kproxy.runner import BoundedFrequencyRunner
@@ -94,6 +93,8 @@ class NodeAgent:
         self._stopping = asyncio.Event()
         self._servers: list[HealthServer | MetricsServer] = []
         self.service_health = ServiceHealthServer(self.health.is_healthy, node_name=settings.node_name)
+        self.health_index = ServiceHealthIndex()
+        self._health_stale = False
         self.syncs = 0
         self.conntrack: ConntrackClient | None = None
 
@@ -145,6 +146,9 @@ class NodeAgent:
                 view = self.views[family]
                 changed = view.rebuild(self.tracker) if first else view.update(self.tracker, pending.services)
                 any_changed = any_changed or bool(changed)
+                # Before the backend: the view has moved on whether or not its sync succeeds.
+                if self.health_index.update(family, view.ports, changed):
+                    self._health_stale = True
                 t0 = time.perf_counter()
                 # None asks the backend for a full sync; it also goes full on its own after a
                 # failure, a config change, a vanished canary or the periodic deadline.
@@ -165,10 +169,10 @@ class NodeAgent:
             log.error("sync_failed", error=str(e))
             return False
         self.syncs += 1
-        if any_changed:
-            all_ports = [entry for v in self.views.values() for entry in v.ports.values()]
-            await self.service_health.sync_services(health_check_ports(all_ports))
-            self.service_health.sync_endpoints(local_ready_endpoints(all_ports))
+        if self._health_stale:
+            self._health_stale = False
+            await self.service_health.sync_services(self.health_index.wanted)
+            self.service_health.sync_endpoints(self.health_index.local_ready)
         self.metrics.count_changes(services=pending.service_changes, endpoints=pending.endpoint_changes)
         services, endpoints = self.tracker.pending_counts
         self.metrics.set_pending(services=services, endpoints=endpoints)

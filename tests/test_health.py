@@ -9,10 +9,13 @@ from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kproxy.health import (
     HealthServer,
     ProxierHealth,
+    ServiceHealthIndex,
     ServiceHealthServer,
     go_time,
     health_check_ports,
@@ -377,3 +380,41 @@ def test_local_ready_endpoints_count_distinct_local_ready_ips() -> None:
     assert local_ready_endpoints(view) == {A: 1}, (
         "same pod on two ports counts once; terminating and remote never"
     )
+
+
+# The incremental index must always say what the whole-view functions say, after any
+# sequence of per-port changes in either family.
+_NAMES = [ServicePortName("shop", svc, pn, "TCP") for svc in ("a", "b") for pn in ("http", "https")]
+_EPS = [
+    Endpoint("10.244.1.2", 8080, is_local=True),
+    Endpoint("10.244.1.3", 8080, is_local=True),
+    Endpoint("10.244.1.3", 8080, ready=False, serving=True, terminating=True, is_local=True),
+    Endpoint("10.244.2.9", 8080),
+]
+_entry = st.tuples(
+    st.booleans(),  # externalTrafficPolicy Local
+    st.booleans(),  # has a health-check node port (one per service, as the API allots it)
+    st.lists(st.sampled_from(_EPS), max_size=3, unique=True),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([4, 6]), st.sampled_from(_NAMES), st.none() | _entry), max_size=25))
+def test_health_index_matches_a_full_recount(steps: list[tuple[int, ServicePortName, Any]]) -> None:
+    views: dict[int, dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]] = {4: {}, 6: {}}
+    index = ServiceHealthIndex()
+    for family, name, entry in steps:
+        view = views[family]
+        if entry is None:
+            view.pop(name, None)
+        else:
+            local, has_hc, eps = entry
+            hc = {"a": 32000, "b": 32001}[name.name] if has_hc else 0
+            sp = ServicePort(name, 4, "10.96.0.1", 80, external_local=local, health_check_node_port=hc)
+            view[name] = (sp, tuple(eps))
+        before = (dict(index.wanted), dict(index.local_ready))
+        changed = index.update(family, view, [name])
+        everything = [e for v in views.values() for e in v.values()]
+        assert index.wanted == health_check_ports(everything)
+        assert index.local_ready == local_ready_endpoints(everything)
+        assert changed == (before != (index.wanted, index.local_ready))
