@@ -77,10 +77,19 @@ def split_host_port(address: str) -> tuple[str, int]:
 
 
 class NodeAgent:
-    def __init__(self, settings: Settings, backend: Backend, *, node_ips: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        *,
+        node_ips: tuple[str, ...] = (),
+        follow_addresses: bool = False,
+    ) -> None:
         self.settings = settings
         self.backend = backend
         self.node_ips = node_ips
+        self.follow_addresses = follow_addresses
+        self._addresses_changed = False
         # The Node too: rendering before its pod CIDRs and zone are known means a second full sync.
         wait = {"Service", "Endpoints" if settings.use_endpoints else "EndpointSlice", "Node"}
         self.tracker = ChangeTracker(node_name=settings.node_name, wait_for=frozenset(wait))
@@ -110,6 +119,12 @@ class NodeAgent:
             self.metrics.set_pending(services=services, endpoints=endpoints)
             self.runner.request()
 
+    def addresses_changed(self, ips: tuple[str, ...]) -> None:
+        """The node gained or lost an address: node-port and source-range rules depend on them."""
+        self.node_ips = ips
+        self._addresses_changed = True
+        self.runner.request()
+
     # ----------------------------------------------------------------- sync
 
     def _render_configs(self) -> dict[Family, RenderConfig]:
@@ -137,7 +152,8 @@ class NodeAgent:
         pending = self.tracker.take()
         taken_at = self.health.now()
         first = not self._cfgs
-        if pending.node_changed or first:
+        if pending.node_changed or first or self._addresses_changed:
+            self._addresses_changed = False
             self._cfgs = self._render_configs()
         started = time.perf_counter()
         any_changed = first
@@ -226,6 +242,14 @@ class NodeAgent:
             asyncio.create_task(self.runner.loop(), name="kproxy-sync"),
             asyncio.create_task(self._run_source(), name="kproxy-source"),
         ]
+        if self.follow_addresses:
+            from kproxy.nodeaddr import follow_node_addresses
+
+            tasks.append(
+                asyncio.create_task(
+                    follow_node_addresses(self.node_ips, self.addresses_changed), name="kproxy-addresses"
+                )
+            )
         log.info(
             "agent_started",
             node=s.node_name,
@@ -314,7 +338,7 @@ def run_agent(settings: Settings) -> int:
     except KproxyError as e:
         log.error("startup_failed", error=str(e))
         return 2
-    agent = NodeAgent(settings, backend, node_ips=node_addresses())
+    agent = NodeAgent(settings, backend, node_ips=node_addresses(), follow_addresses=True)
     if settings.proxy_mode == "iptables":
         from kproxy.backends.iptables.conntrack import NetlinkConntrack
 

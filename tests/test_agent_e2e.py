@@ -935,3 +935,30 @@ def test_userspace_mode_carries_service_traffic_through_the_agent(node: Node, tm
     saved = exec_in(node.ns, ["iptables-nft-save", "-t", "nat"]).stdout
     assert "KUBE-PORTALS-CONTAINER" in saved and "KUBE-SVC-" not in saved, "steered, not DNATed to pods"
     assert agent.alive(), agent.tail()
+
+
+def test_node_port_follows_an_address_the_node_gains_and_loses(node: Node) -> None:
+    """With --nodeport-addresses, node ports answer only on the node's addresses inside those
+    CIDRs, and those addresses are read from the kernel as they change, not once at start:
+    an address added to the node after kproxy started takes node-port traffic soon after,
+    and stops taking it once removed."""
+    extra = "198.51.100.7"
+    api = node.api()
+    agent = node.agent("--nodeport-addresses", "198.51.100.0/24", api=api)
+    pod1 = node.pod(1)
+    svc = svc_obj("np", 9)
+    svc["spec"]["type"] = "NodePort"
+    svc["spec"]["ports"][0]["nodePort"] = 30079
+    api.create(svc)
+    api.create(slice_obj("np", [pod1], node.topo.node_name))
+    node.wait_answer(vip(9), 80, {pod1.name}, agent)
+    assert not node.hit(node.topo.node.ipv4, 30079).ok, "the node's LAN IP is outside --nodeport-addresses"
+    exec_in(node.ns, ["ip", "addr", "add", f"{extra}/32", "dev", "eth0"])
+    try:
+        node.wait_answer(extra, 30079, {pod1.name}, agent)
+        assert agent.events("node_addresses_changed"), agent.tail()
+    finally:
+        exec_in(node.ns, ["ip", "addr", "del", f"{extra}/32", "dev", "eth0"], check=False)
+    node.wait_outcome(extra, 30079, "timeout", agent)
+    assert not node.hit(node.topo.node.ipv4, 30079).ok
+    assert agent.alive(), agent.tail()
