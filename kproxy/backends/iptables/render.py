@@ -83,6 +83,7 @@ class _SepNames(dict[tuple[int, str], dict[str, str]]):
 
 
 _sep = _SepNames()
+_make_chain = Chain._make
 
 
 def _sep_names(family: int, prefix: str, hps: list[str]) -> list[str]:
@@ -361,21 +362,24 @@ def _endpoint_chains(p: _Port, reach: tuple[Endpoint, ...], hps: list[str], seps
     comment = f" -m comment --comment {p.name}" if p.cfg.comments else ""
     dnat = f" {p.pm} -j DNAT --to-destination "
     masq = f"{p.host} -j {MARK_MASQ}"
+    make = _make_chain  # tuple.__new__ underneath: no Python frame per chain
     if p.sp.affinity_timeout:
         return [
-            Chain(
-                "nat",
-                sep,
+            make(
                 (
-                    f"-A {sep}{comment} -s {ep.ip}{masq}",
-                    f"-A {sep}{comment} -m recent --name {sep} --set{dnat}{hp}",
-                ),
+                    "nat",
+                    sep,
+                    (
+                        f"-A {sep}{comment} -s {ep.ip}{masq}",
+                        f"-A {sep}{comment} -m recent --name {sep} --set{dnat}{hp}",
+                    ),
+                )
             )
             for ep, hp, sep in zip(reach, hps, seps, strict=True)
         ]
     dnat = comment + dnat
     return [
-        Chain("nat", sep, (f"-A {sep}{comment} -s {ep.ip}{masq}", f"-A {sep}{dnat}{hp}"))
+        make(("nat", sep, (f"-A {sep}{comment} -s {ep.ip}{masq}", f"-A {sep}{dnat}{hp}")))
         for ep, hp, sep in zip(reach, hps, seps, strict=True)
     ]
 
@@ -397,28 +401,37 @@ def _spread(p: _Port, chain: str, hps: list[str], seps: list[str]) -> tuple[str,
     then endpoint i of n taken with probability 1/(n-i), which spreads new connections evenly.
     `seps` is never empty."""
     rules = _masquerade(p, chain)
+    probs = _probabilities(len(seps))
     if p.cfg.comments:
         pre = f'-A {chain} -m comment --comment "{p.name} -> '
-        heads = [f'{pre}{hp}"' for hp in hps]
-    else:
-        heads = [f"-A {chain}"] * len(hps)
-    affinity = p.sp.affinity_timeout
-    if affinity:
-        tail = f" --seconds {affinity} --reap -j "
+        if aff := p.sp.affinity_timeout:
+            rules.extend(
+                [
+                    f'{pre}{hp}" -m recent --name {sep} --rcheck --seconds {aff} --reap -j {sep}'
+                    for hp, sep in zip(hps, seps, strict=True)
+                ]
+            )
+        # zip stops at the shorter probabilities: every endpoint but the last.
         rules.extend(
             [
-                f"{head} -m recent --name {sep} --rcheck{tail}{sep}"
-                for head, sep in zip(heads, seps, strict=True)
+                f'{pre}{hp}" -m statistic --mode random --probability {prob} -j {sep}'
+                for hp, prob, sep in zip(hps, probs, seps, strict=False)
             ]
         )
-    # zip stops at the shorter probabilities: every endpoint but the last.
+        rules.append(f'{pre}{hps[-1]}" -j {seps[-1]}')
+        return tuple(rules)
+    head = f"-A {chain}"
+    if aff := p.sp.affinity_timeout:
+        rules.extend(
+            [f"{head} -m recent --name {sep} --rcheck --seconds {aff} --reap -j {sep}" for sep in seps]
+        )
     rules.extend(
         [
             f"{head} -m statistic --mode random --probability {prob} -j {sep}"
-            for head, prob, sep in zip(heads, _probabilities(len(seps)), seps, strict=False)
+            for prob, sep in zip(probs, seps, strict=False)
         ]
     )
-    rules.append(f"{heads[-1]} -j {seps[-1]}")
+    rules.append(f"{head} -j {seps[-1]}")
     return tuple(rules)
 
 
