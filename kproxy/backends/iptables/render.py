@@ -83,7 +83,7 @@ class _SepNames(dict[tuple[int, str], dict[str, str]]):
 
 
 _sep = _SepNames()
-_make_chain = Chain._make
+_tuple_new = tuple.__new__
 
 
 def _sep_names(family: int, prefix: str, hps: list[str]) -> list[str]:
@@ -362,10 +362,11 @@ def _endpoint_chains(p: _Port, reach: tuple[Endpoint, ...], hps: list[str], seps
     comment = f" -m comment --comment {p.name}" if p.cfg.comments else ""
     dnat = f" {p.pm} -j DNAT --to-destination "
     masq = f"{p.host} -j {MARK_MASQ}"
-    make = _make_chain  # tuple.__new__ underneath: no Python frame per chain
+    new = _tuple_new  # Chain(...) and Chain._make run Python code per call; this is one C call
     if p.sp.affinity_timeout:
         return [
-            make(
+            new(
+                Chain,
                 (
                     "nat",
                     sep,
@@ -373,13 +374,13 @@ def _endpoint_chains(p: _Port, reach: tuple[Endpoint, ...], hps: list[str], seps
                         f"-A {sep}{comment} -s {ep.ip}{masq}",
                         f"-A {sep}{comment} -m recent --name {sep} --set{dnat}{hp}",
                     ),
-                )
+                ),
             )
             for ep, hp, sep in zip(reach, hps, seps, strict=True)
         ]
     dnat = comment + dnat
     return [
-        make(("nat", sep, (f"-A {sep}{comment} -s {ep.ip}{masq}", f"-A {sep}{dnat}{hp}")))
+        new(Chain, ("nat", sep, (f"-A {sep}{comment} -s {ep.ip}{masq}", f"-A {sep}{dnat}{hp}")))
         for ep, hp, sep in zip(reach, hps, seps, strict=True)
     ]
 
