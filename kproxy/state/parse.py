@@ -27,7 +27,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
 import yaml
 
@@ -68,6 +68,19 @@ _SERVICE_TYPES: Final = ("ClusterIP", "NodePort", "LoadBalancer")
 _EMPTY: Final[Mapping[str, Any]] = {}
 _CACHE_LIMIT: Final = 200_000
 _intern = sys.intern
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _Memo(dict[_K, _V]):
+    """A parse memo: relists meet the same values again and again, but churn must not grow it
+    without end, so it forgets everything once it holds _CACHE_LIMIT entries."""
+
+    def put(self, key: _K, value: _V) -> _V:
+        if len(self) >= _CACHE_LIMIT:
+            self.clear()
+        self[key] = value
+        return value
 
 
 class _Invalid(Exception):
@@ -172,7 +185,7 @@ def _each(items: Sequence[Any], field: str, fn: Callable[[Any, str], Any]) -> li
 
 
 def _cached_check(
-    pattern: re.Pattern[str], max_len: int, what: str, seen: dict[str, str]
+    pattern: re.Pattern[str], max_len: int, what: str, seen: _Memo[str, str]
 ) -> Callable[[object, str], str]:
     """A validator for one grammar, remembering good strings in `seen`: names repeat across objects and resyncs."""
 
@@ -182,22 +195,19 @@ def _cached_check(
             if got is not None:
                 return got
             if len(v) <= max_len and pattern.fullmatch(v):
-                if len(seen) >= _CACHE_LIMIT:
-                    seen.clear()
-                got = seen[v] = _intern(v)
-                return got
+                return seen.put(v, _intern(v))
             _fail(field, f"{_show(v)} is not a valid {what}")
         _fail(field, f"must be a string, not {_tname(v)}")
 
     return check
 
 
-_subdomains: dict[str, str] = {}
-_dns_label = _cached_check(DNS1123_LABEL, 63, "DNS-1123 label (lowercase letters, digits, '-')", {})
+_subdomains: _Memo[str, str] = _Memo()
+_dns_label = _cached_check(DNS1123_LABEL, 63, "DNS-1123 label (lowercase letters, digits, '-')", _Memo())
 _dns_subdomain = _cached_check(
     DNS1123_SUBDOMAIN, 253, "DNS-1123 subdomain (lowercase letters, digits, '-', '.')", _subdomains
 )
-_label_value = _cached_check(LABEL_VALUE, 63, "label value (letters, digits, '-', '_', '.')", {})
+_label_value = _cached_check(LABEL_VALUE, 63, "label value (letters, digits, '-', '_', '.')", _Memo())
 
 
 def _label_key(v: object, field: str) -> str:
@@ -217,12 +227,12 @@ def _port_name(v: object, field: str) -> str:
     return _dns_label(v, field)
 
 
-_ip_cache: dict[str, str] = {}
+_ip_cache: _Memo[str, str] = _Memo()
 # Frozen value objects shared between equal parses: a relist rebuilds nothing, and
 # equality checks downstream often short-cut on identity.
-_port_specs: dict[tuple[str, Protocol, int, int, int | str], ServicePortSpec] = {}
-_slice_ports: dict[tuple[str, Protocol, int], SlicePort] = {}
-_slice_endpoints: dict[tuple[str, bool, bool, bool, str, str, frozenset[str]], SliceEndpoint] = {}
+_port_specs: _Memo[tuple[str, Protocol, int, int, int | str], ServicePortSpec] = _Memo()
+_slice_ports: _Memo[tuple[str, Protocol, int], SlicePort] = _Memo()
+_slice_endpoints: _Memo[tuple[str, bool, bool, bool, str, str, frozenset[str]], SliceEndpoint] = _Memo()
 
 
 def _ip(v: object, field: str) -> str:
@@ -239,10 +249,7 @@ def _ip(v: object, field: str) -> str:
         norm = _normalise_ip(v)
         if norm is None:
             _fail(field, f"{_show(v)} is not a valid IP address")
-        if len(_ip_cache) >= _CACHE_LIMIT:
-            _ip_cache.clear()
-        _ip_cache[v] = norm
-        return norm
+        return _ip_cache.put(v, norm)
     _fail(field, f"must be an IP address string, not {_tname(v)}")
 
 
@@ -520,9 +527,7 @@ def _service_port(p_raw: object, node_ports: bool) -> ServicePortSpec:
     key = (name, proto, port, node_port if node_ports else 0, target)
     got = _port_specs.get(key)
     if got is None:
-        if len(_port_specs) >= _CACHE_LIMIT:
-            _port_specs.clear()
-        got = _port_specs[key] = ServicePortSpec(*key)
+        got = _port_specs.put(key, ServicePortSpec(*key))
     return got
 
 
@@ -610,9 +615,7 @@ def _slice_port(p_raw: object) -> SlicePort | None:
     key = (name, proto, _int(port_raw, "port", 1, 65535))
     got = _slice_ports.get(key)
     if got is None:
-        if len(_slice_ports) >= _CACHE_LIMIT:
-            _slice_ports.clear()
-        got = _slice_ports[key] = SlicePort(*key)
+        got = _slice_ports.put(key, SlicePort(*key))
     return got
 
 
@@ -656,9 +659,7 @@ def _slice_endpoint(e_raw: object, want_v6: bool) -> SliceEndpoint | None:
     key = (address, ready, serving, terminating, node_name, zone, hints)
     got = _slice_endpoints.get(key)
     if got is None:
-        if len(_slice_endpoints) >= _CACHE_LIMIT:
-            _slice_endpoints.clear()
-        got = _slice_endpoints[key] = SliceEndpoint(*key)
+        got = _slice_endpoints.put(key, SliceEndpoint(*key))
     return got
 
 

@@ -229,6 +229,17 @@ def _udp_tuple(family: Family, src: str, dst: str, sport: int, dport: int) -> by
     )
 
 
+def _messages(view: memoryview, n: int) -> Iterator[tuple[int, int, int, int]]:
+    """(offset, length, type, seq) of each netlink message in the first `n` bytes of one read."""
+    off = 0
+    while off + _HDR.size <= n:
+        length, kind, _flags, seq, _pid = _HDR.unpack_from(view, off)
+        if length < _HDR.size:
+            return
+        yield off, length, kind, seq
+        off += (length + 3) & ~3
+
+
 def _attrs(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(type, payload start, payload end) of each attribute in buf[start:end]."""
     while start + 4 <= end:
@@ -340,12 +351,7 @@ class NetlinkConntrack:
         buf = bytearray(1 << 20)
         view = memoryview(buf)
         while True:
-            n = sock.recv_into(buf)
-            off = 0
-            while off + _HDR.size <= n:
-                length, kind, _flags, mseq, _pid = _HDR.unpack_from(view, off)
-                if length < _HDR.size:
-                    break
+            for off, length, kind, mseq in _messages(view, sock.recv_into(buf)):
                 if mseq == seq:
                     if kind == _NLMSG_DONE:
                         return flows
@@ -356,7 +362,6 @@ class NetlinkConntrack:
                         flow = _parse_entry(view, off + _HDR.size + _NFGEN.size, off + length, family)
                         if flow is not None:
                             flows.append(flow)
-                off += (length + 3) & ~3
 
     def delete(self, flows: Sequence[Flow]) -> int:
         deleted = 0
@@ -380,12 +385,7 @@ class NetlinkConntrack:
         buf = bytearray(1 << 16)
         view = memoryview(buf)
         while pending:
-            n = sock.recv_into(buf)
-            off = 0
-            while off + _HDR.size <= n:
-                length, kind, _flags, seq, _pid = _HDR.unpack_from(view, off)
-                if length < _HDR.size:
-                    break
+            for off, _length, kind, seq in _messages(view, sock.recv_into(buf)):
                 if kind == _NLMSG_ERROR and seq in pending:
                     f = pending.pop(seq)
                     code = -_ERR.unpack_from(view, off + _HDR.size)[0]
@@ -393,7 +393,6 @@ class NetlinkConntrack:
                         deleted += 1
                     elif code != errno.ENOENT:
                         raise OSError(code, f"conntrack delete {f}: {os.strerror(code)}")
-                off += (length + 3) & ~3
         return deleted
 
 

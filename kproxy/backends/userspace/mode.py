@@ -26,25 +26,21 @@ from kproxy.state.model import Family, ServicePortName
 class UserspaceMode:
     mode = "userspace"
 
-    def __init__(self, restorer: Restorer, node_ips: tuple[str, ...] = ()) -> None:
+    def __init__(self, restorer: Restorer) -> None:
         self.restorer = restorer
-        self.node_ips = node_ips
         self.proxiers: dict[Family, UserspaceProxier] = {}
         self._jumps_ensured: set[Family] = set()
         self._applied: dict[Family, dict[ChainKey, tuple[str, ...]]] = {}
 
     @classmethod
     def for_host(cls, settings: Settings) -> UserspaceMode:
-        from kproxy.nodeaddr import node_addresses
-
         chosen = detect_backend(None if settings.iptables_backend == "auto" else settings.iptables_backend)
-        return cls(CommandRestorer(chosen), node_addresses())
+        return cls(CommandRestorer(chosen))
 
-    def _host_ip(self, family: Family, cfg: RenderConfig) -> str:
-        if cfg.node_ip:
-            return cfg.node_ip
-        mine = [ip for ip in self.node_ips if (":" in ip) == (family == 6)]
-        return mine[0] if mine else ("127.0.0.1" if family == 4 else "::1")
+    @staticmethod
+    def _host_ip(family: Family, cfg: RenderConfig) -> str:
+        """The node's first address of the family, as the agent follows it (loopback if none)."""
+        return cfg.node_ip or ("127.0.0.1" if family == 4 else "::1")
 
     async def sync(
         self,
