@@ -23,6 +23,17 @@ class RenderConfig:
     node_pod_cidrs: tuple[str, ...] = ()
     """Used instead of cluster_cidr when detect_local_mode is NodeCIDR."""
     detect_local_mode: str = "ClusterCIDR"
+    """ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix (kube-proxy's four)."""
+    bridge_interface: str = ""
+    """With BridgeInterface: traffic arriving on this interface is pod traffic."""
+    interface_name_prefix: str = ""
+    """With InterfaceNamePrefix: traffic arriving on interfaces named so is pod traffic."""
+    localhost_nodeports: bool = False
+    """IPv4 node ports also answer on 127.0.0.1 (kube-proxy's localhostNodePorts)."""
+    random_fully: bool = True
+    """The iptables binary supports MASQUERADE --random-fully."""
+    drop_invalid: bool = True
+    """Write the ctstate INVALID drop; off when nf_conntrack_tcp_be_liberal is set."""
     masquerade_all: bool = False
     masquerade_bit: int = 14
     nodeport_ips: tuple[str, ...] | None = None
@@ -61,6 +72,11 @@ def render_config(
     nodeport_addresses: tuple[str, ...] = (),
     node_ips: tuple[str, ...] = (),
     comments: bool = True,
+    bridge_interface: str = "",
+    interface_name_prefix: str = "",
+    localhost_nodeports: bool = False,
+    random_fully: bool = True,
+    drop_invalid: bool = True,
 ) -> RenderConfig:
     """One family's RenderConfig from family-mixed settings.
 
@@ -88,4 +104,9 @@ def render_config(
         masquerade_bit=masquerade_bit,
         nodeport_ips=nodeport_ips,
         comments=comments,
+        bridge_interface=bridge_interface,
+        interface_name_prefix=interface_name_prefix,
+        localhost_nodeports=localhost_nodeports and family == 4,
+        random_fully=random_fully,
+        drop_invalid=drop_invalid,
     )
