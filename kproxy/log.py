@@ -40,7 +40,8 @@ def debug(name: str, **fields: Any) -> None:
     event(logging.DEBUG, name, **fields)
 
 
-def setup(level: str = "INFO") -> None:
+def setup(level: str = "INFO", fmt: str = "text") -> None:
+    """Send kproxy's events to stderr; `fmt` is "text" (logfmt) or "json" (kube-proxy's --logging-format)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("ts=%(asctime)s level=%(levelname)s %(message)s"))
     root = logging.getLogger("kproxy")
