@@ -54,14 +54,23 @@ def sp(
     )
 
 
-def ep(ip: str, serving: bool = True, ready: bool | None = None, terminating: bool = False) -> Endpoint:
+def ep(
+    ip: str, serving: bool = True, ready: bool | None = None, terminating: bool = False, port: int = 5353
+) -> Endpoint:
     return Endpoint(
-        ip=ip, port=5353, ready=serving if ready is None else ready, serving=serving, terminating=terminating
+        ip=ip, port=port, ready=serving if ready is None else ready, serving=serving, terminating=terminating
     )
 
 
-def flow(dst: str, reply_src: str, dport: int = 53, src: str = CLIENT, sport: int = 40000) -> Flow:
-    return Flow(6 if ":" in dst else 4, src, dst, sport, dport, reply_src)
+def flow(
+    dst: str,
+    reply_src: str,
+    dport: int = 53,
+    src: str = CLIENT,
+    sport: int = 40000,
+    reply_sport: int = 5353,
+) -> Flow:
+    return Flow(6 if ":" in dst else 4, src, dst, sport, dport, reply_src, reply_sport=reply_sport)
 
 
 DNS_NP = sp(node_port=30053, external=[EXT], lb=[LB])
@@ -71,8 +80,44 @@ View = list[tuple[ServicePort, tuple[Endpoint, ...]]]
 TABLE: list[tuple[str, View, Flow, bool]] = [
     ("endpoint still serving keeps its flow", [(DNS_NP, (ep(POD_A),))], flow(VIP, POD_A), False),
     ("removed endpoint loses its flow", [(DNS_NP, (ep(POD_B),))], flow(VIP, POD_A), True),
-    ("no endpoints left: every flow goes", [(DNS_NP, ())], flow(VIP, POD_A), True),
-    ("not serving any more", [(DNS_NP, (ep(POD_A, serving=False),))], flow(VIP, POD_A), True),
+    ("no endpoints left: flows are left alone", [(DNS_NP, ())], flow(VIP, POD_A), False),
+    (
+        "only non-serving endpoints: left alone",
+        [(DNS_NP, (ep(POD_A, serving=False),))],
+        flow(VIP, POD_A),
+        False,
+    ),
+    (
+        "not serving any more, another one is",
+        [(DNS_NP, (ep(POD_A, serving=False), ep(POD_B)))],
+        flow(VIP, POD_A),
+        True,
+    ),
+    ("target port changed, same pod IP", [(DNS_NP, (ep(POD_A, port=5354),))], flow(VIP, POD_A), True),
+    (
+        "target port changed, node port flow",
+        [(DNS_NP, (ep(POD_A, port=5354),))],
+        flow(NODE, POD_A, dport=30053),
+        True,
+    ),
+    (
+        "target port changed, external IP flow",
+        [(DNS_NP, (ep(POD_A, port=5354),))],
+        flow(EXT, POD_A),
+        True,
+    ),
+    (
+        "other port of the service IP is not judged by this one",
+        [(DNS_NP, (ep(POD_B),))],
+        flow(VIP, POD_A, dport=5000),
+        False,
+    ),
+    (
+        "other port of an external IP is not judged",
+        [(DNS_NP, (ep(POD_B),))],
+        flow(EXT, POD_A, dport=80),
+        False,
+    ),
     (
         "terminating but still serving keeps its flow",
         [(DNS_NP, (ep(POD_A, serving=True, ready=False, terminating=True),))],
@@ -89,9 +134,21 @@ TABLE: list[tuple[str, View, Flow, bool]] = [
     ("TCP service is not judged", [(sp(proto="TCP"), ())], flow(VIP, POD_A), False),
     ("service gone altogether: left to age out", [], flow(VIP, POD_A), False),
     (
-        "ports sharing an IP: union of their endpoints",
+        "two ports of one IP: each judged by its own endpoints",
         [(sp(name="a", port=53), (ep(POD_A),)), (sp(name="b", port=54), (ep(POD_B),))],
         flow(VIP, POD_A, dport=54),
+        True,
+    ),
+    (
+        "two ports of one IP: the right port keeps its flow",
+        [(sp(name="a", port=53), (ep(POD_A),)), (sp(name="b", port=54), (ep(POD_B, port=6000),))],
+        flow(VIP, POD_B, dport=54, reply_sport=6000),
+        False,
+    ),
+    (
+        "one frontend claimed twice: union of their endpoints",
+        [(sp(name="a"), (ep(POD_A),)), (sp(name="b"), (ep(POD_B),))],
+        flow(VIP, POD_A),
         False,
     ),
     (
@@ -374,3 +431,50 @@ def test_ipv6_entries_listed_alike_and_deleted() -> None:
             view = [(sp(ip=VIP6), (ep(NEW_POD_IP6),))]
             assert clean_stale_entries(fast, 6, view).deleted == 1
             assert [(f.dst, f.dport) for f in fast.list_udp(6)] == [(POD_IP6, 9999)]
+
+
+@pytest.mark.privileged
+def test_target_port_change_moves_the_next_datagram_and_spares_services_without_endpoints() -> None:
+    """targetPort 5353 -> 5354 on the same pod: only an IP-and-port match notices the stale flow.
+
+    A second service whose endpoints are all gone keeps its flow: nothing better to send it to.
+    """
+    with node_and_pod() as (node, pod):
+        with entered(pod):
+            old, new = (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+            )
+        with entered(node):
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            orphan = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with old, new, client, orphan:
+            old.bind((POD_IP, 5353))
+            new.bind((POD_IP, 5354))
+            client.sendto(b"q1", (VIP_DEAD, 53))
+            assert _received(old), "first query should reach the endpoint's old port"
+            orphan.sendto(b"q", (VIP_LIVE, 53))
+            assert _received(old)
+
+            exec_in(
+                node,
+                [
+                    "iptables-nft", "-t", "nat", "-R", "OUTPUT", "1", "-d", f"{VIP_DEAD}/32", "-p", "udp",
+                    "--dport", "53", "-j", "DNAT", "--to-destination", f"{POD_IP}:5354",
+                ],
+            )  # fmt: skip
+            client.sendto(b"q2", (VIP_DEAD, 53))
+            assert _received(old, 1.0), "without cleanup the entry still steers to the old port"
+
+            view = [
+                (sp(name="moved", ip=VIP_DEAD), (ep(POD_IP, port=5354),)),
+                (sp(name="orphan", ip=VIP_LIVE), ()),
+            ]
+            ct = NetlinkConntrack(netns=node)
+            assert clean_stale_entries(ct, 4, view).deleted == 1
+            assert _by_dst(ct.list_udp(4)) == {(VIP_LIVE, 53): POD_IP}, (
+                "the flow of the service without endpoints must stay"
+            )
+            client.sendto(b"q3", (VIP_DEAD, 53))
+            assert _received(new), "after cleanup the next datagram reaches the new target port"
+            assert not _received(old, 0.2)

@@ -7,19 +7,27 @@ the entry. kproxy does what kube-proxy's conntrack reconciler
 (pkg/proxy/conntrack/cleanup.go) does after a sync that changed the endpoints of
 a service with a UDP port: walk every UDP entry of the family and delete
 
-  * those whose original destination is a UDP service's cluster IP, external IP
-    or load-balancer IP, and whose reply source is not a serving endpoint of it;
+  * those whose original destination IP *and port* are a UDP service port's
+    cluster IP, external IP or load-balancer IP with its port, and whose reply
+    source IP and port are not a serving endpoint of it;
   * those whose original destination port is a UDP service's node port, and
-    whose reply source is not a serving endpoint of it.
+    whose reply source IP and port are not a serving endpoint of it.
+
+Matching on the port on both sides means a flow to another port of the same IP
+is never judged by the wrong service port, and a changed targetPort is noticed:
+the flow DNATed to the pod's old port is deleted although the pod IP stayed.
+A UDP service port with no serving endpoint at all is left alone: its flows
+have nowhere better to go, and deleting them would only make clients resend
+into the REJECT rule.
 
 Deliberately not considered, as in kube-proxy: traffic policies, topology and
 terminating state (a serving terminating endpoint keeps its flows, as TCP
 connections would), and services that were deleted altogether (their flows age
 out, as TCP ones would). The decision needs only the current state, so there is
-no old/new diff: a missed run is repaired by the next one. One refinement: when
-several UDP ports share a service IP, kube-proxy judges the IP by whichever
-port its map visited last; kproxy uses the union of their serving endpoints, so
-the outcome does not depend on iteration order.
+no old/new diff: a missed run is repaired by the next one. One refinement: if
+two service ports ever claim the same frontend (IP and port, or node port),
+kproxy uses the union of their serving endpoints, so the outcome does not depend
+on iteration order as kube-proxy's map visit does.
 
 Pure part: `serving_sets(ports)` and `stale_flows(flows, serving)`, plus
 `cleanup_needed(...)` saying whether a sync warrants a run at all.
@@ -71,14 +79,20 @@ class Flow:
     reply_src: str
     zone: int = 0
     """Conntrack zone; Kubernetes nodes normally use only zone 0."""
+    reply_sport: int = 0
+    """The reply tuple's source port: the endpoint's port after DNAT."""
+
+
+EndpointAddr = tuple[str, int]
+"""An endpoint as conntrack's reply tuple shows it: (IP, port)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ServingSets:
-    by_ip: Mapping[str, frozenset[str]]
-    """Service IP (cluster, external, load-balancer) -> serving endpoint IPs of its UDP ports."""
-    by_node_port: Mapping[int, frozenset[str]]
-    """UDP node port -> serving endpoint IPs."""
+    by_frontend: Mapping[tuple[str, int], frozenset[EndpointAddr]]
+    """(service IP, port) for cluster, external and load-balancer IPs -> serving endpoints."""
+    by_node_port: Mapping[int, frozenset[EndpointAddr]]
+    """UDP node port -> serving endpoints."""
 
 
 def _norm(ip: str) -> str:
@@ -86,31 +100,36 @@ def _norm(ip: str) -> str:
 
 
 def serving_sets(ports: PortsView) -> ServingSets:
-    by_ip: dict[str, set[str]] = {}
-    by_node_port: dict[int, set[str]] = {}
+    """The frontends of UDP service ports that have at least one serving endpoint."""
+    by_frontend: dict[tuple[str, int], set[EndpointAddr]] = {}
+    by_node_port: dict[int, set[EndpointAddr]] = {}
     for sp, endpoints in ports:
         if sp.protocol != "UDP":
             continue
-        serving = {_norm(ep.ip) for ep in endpoints if ep.serving}
+        serving = {(_norm(ep.ip), ep.port) for ep in endpoints if ep.serving}
+        if not serving:
+            continue
         for ip in (sp.cluster_ip, *sp.external_ips, *sp.load_balancer_ips):
             if ip:
-                by_ip.setdefault(_norm(ip), set()).update(serving)
+                by_frontend.setdefault((_norm(ip), sp.port), set()).update(serving)
         if sp.node_port:
             by_node_port.setdefault(sp.node_port, set()).update(serving)
     return ServingSets(
-        {k: frozenset(v) for k, v in by_ip.items()}, {k: frozenset(v) for k, v in by_node_port.items()}
+        {k: frozenset(v) for k, v in by_frontend.items()},
+        {k: frozenset(v) for k, v in by_node_port.items()},
     )
 
 
 def stale_flows(flows: Iterable[Flow], serving: ServingSets) -> list[Flow]:
     out = []
     for f in flows:
-        eps = serving.by_ip.get(f.dst)
-        if eps is not None and f.reply_src not in eps:
+        backend = (f.reply_src, f.reply_sport)
+        eps = serving.by_frontend.get((f.dst, f.dport))
+        if eps is not None and backend not in eps:
             out.append(f)
             continue
         eps = serving.by_node_port.get(f.dport)
-        if eps is not None and f.reply_src not in eps:
+        if eps is not None and backend not in eps:
             out.append(f)
     return out
 
@@ -278,6 +297,7 @@ def _parse_entry(buf: memoryview, start: int, end: int, family: Family) -> Flow 
     """The UDP entry of one conntrack message; None for any other protocol."""
     orig = None
     reply_src = ""
+    reply_sport = 0
     zone = 0
     for kind, s, e in _attrs(buf, start, end):
         if kind == _CTA_TUPLE_ORIG:
@@ -285,12 +305,13 @@ def _parse_entry(buf: memoryview, start: int, end: int, family: Family) -> Flow 
             if orig[2] != socket.IPPROTO_UDP:
                 return None
         elif kind == _CTA_TUPLE_REPLY:
-            reply_src = _tuple(buf, s, e, family)[0]
+            reply = _tuple(buf, s, e, family)
+            reply_src, reply_sport = reply[0], reply[3]
         elif kind == _CTA_ZONE:
             zone = _BE16.unpack_from(buf, s)[0]
     if orig is None:
         return None
-    return Flow(family, orig[0], orig[1], orig[3], orig[4], reply_src, zone)
+    return Flow(family, orig[0], orig[1], orig[3], orig[4], reply_src, zone, reply_sport)
 
 
 class NetlinkConntrack:
@@ -423,7 +444,9 @@ class PyrouteConntrack:
             for e in ct.dump_entries(tuple_orig=match):
                 o, r = e.tuple_orig, e.tuple_reply
                 if o.proto == socket.IPPROTO_UDP:
-                    out.append(Flow(family, o.saddr, o.daddr, o.sport, o.dport, r.saddr, e.zone or 0))
+                    out.append(
+                        Flow(family, o.saddr, o.daddr, o.sport, o.dport, r.saddr, e.zone or 0, r.sport)
+                    )
             return out
         finally:
             ct.close()
