@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 from kproxy import log
 from kproxy.changes import ChangeTracker, FamilyView, PortEntry
 from kproxy.config import RenderConfig, render_config
+from kproxy.configz import configz
 from kproxy.errors import KproxyError
 from kproxy.health import (
     HealthServer,
@@ -33,7 +34,7 @@ from kproxy.health import (
     ServiceHealthServer,
     healthz_response,
 )
-from kproxy.metrics import Metrics, MetricsServer
+from kproxy.metrics import Metrics, MetricsServer, NoLocalEndpoints
 from kproxy.runner import BoundedFrequencyRunner
 from kproxy.settings import Settings
 from kproxy.sources.apiwatch import SourceEvent
@@ -95,7 +96,11 @@ class NodeAgent:
         self.tracker = ChangeTracker(node_name=settings.node_name, wait_for=frozenset(wait))
         self.families: tuple[Family, ...] = tuple(f for f in (4, 6) if f in settings.families)
         self.views = {f: FamilyView(f, settings.node_name) for f in self.families}
-        self.health = ProxierHealth.for_sync_period(settings.sync_period)
+        # With an API server the Node must be known for /healthz to pass, as kube-proxy's.
+        self.health = ProxierHealth.for_sync_period(
+            settings.sync_period, families=self.families, node_required=not settings.manifests
+        )
+        self._health_node: object = None
         self.metrics = Metrics(families=self.families)
         self.runner = BoundedFrequencyRunner(self._sync, settings.min_sync_period, settings.sync_period)
         self._cfgs: dict[Family, RenderConfig] = {}
@@ -103,6 +108,7 @@ class NodeAgent:
         self._servers: list[HealthServer | MetricsServer] = []
         self.service_health = ServiceHealthServer(self.health.is_healthy, node_name=settings.node_name)
         self.health_index = ServiceHealthIndex()
+        self.no_local = NoLocalEndpoints()
         self._health_stale = False
         self.syncs = 0
         self.conntrack: ConntrackClient | None = None
@@ -111,6 +117,9 @@ class NodeAgent:
 
     def changed(self) -> None:
         """Sources call this after giving the tracker something new."""
+        if self.tracker.node is not self._health_node:
+            self._health_node = self.tracker.node
+            self.health.sync_node(self.tracker.node)
         if self.tracker.has_pending:
             for f in self.families:
                 self.health.queued_update(f)
@@ -165,6 +174,7 @@ class NodeAgent:
                 # Before the backend: the view has moved on whether or not its sync succeeds.
                 if self.health_index.update(family, view.ports, changed):
                     self._health_stale = True
+                self.no_local.update(family, view.ports, changed)
                 t0 = time.perf_counter()
                 # None asks the backend for a full sync; it also goes full on its own after a
                 # failure, a config change, a vanished canary or the periodic deadline.
@@ -207,6 +217,8 @@ class NodeAgent:
         self.health.updated(family, started=started)
         self.metrics.synced(family)
         self.metrics.observe_sync(family, seconds, full=report.full)
+        internal, external = self.no_local.counts(family)
+        self.metrics.set_no_local_endpoints(family, internal=internal, external=external)
         if triggers:
             self.metrics.observe_network_programming(family, triggers, time.time())
         if report.rules:
@@ -288,6 +300,7 @@ class NodeAgent:
                     host,
                     port,
                     healthz=lambda _req: healthz_response(self.health),
+                    configz=lambda: configz(s),
                 )
             )
         return out

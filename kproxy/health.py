@@ -13,9 +13,14 @@ when this node's object changes. `health()` judges it:
     see `for_sync_period`); `updated` clears the pending mark, so it recovers at once;
   * the proxy is healthy when every family is; at start nothing is pending, so
     it is healthy;
-  * /healthz additionally needs the node to be eligible: not being deleted and
-    not tainted ToBeDeletedByClusterAutoscaler (the parser folds both into
-    `Node.deleting`). With no Node object at all (manifests mode) it is eligible.
+  * /healthz additionally needs the node to be eligible: its Node object known,
+    not being deleted and not tainted ToBeDeletedByClusterAutoscaler (the parser
+    folds both into `Node.deleting`), so a load balancer drains a node that is
+    going away. `node_required=False` (manifests mode, where there may be no Node
+    at all) makes "no Node object" eligible; with the API, the node is not
+    eligible until its Node arrives, nor after it is deleted.
+  * every configured family is in the body's `status` from the start, healthy
+    and never updated, so a probe sees the families before the first sync.
 
   One deliberate difference: kube-proxy >= 1.29 only judges a family once it has
   synced at least once, so a proxy whose first sync never succeeds stays "healthy"
@@ -115,19 +120,35 @@ class ProxyHealth:
 class ProxierHealth:
     """Queued-versus-synced bookkeeping per family; safe to call from any thread."""
 
-    def __init__(self, timeout: float, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        clock: Clock = time.time,
+        *,
+        families: Iterable[Family] = (),
+        node_required: bool = False,
+    ) -> None:
         self.timeout = timeout
         self._clock = clock
         self._lock = threading.Lock()
+        self._families = frozenset(families)
         self._last_updated: dict[Family, float] = {}
         self._oldest_pending: dict[Family, float] = {}
         self._latest_queued: dict[Family, float] = {}
-        self._node_eligible = True
+        self._node_required = node_required
+        self._node_eligible = not node_required
 
     @classmethod
-    def for_sync_period(cls, sync_period: float, clock: Clock = time.time) -> ProxierHealth:
+    def for_sync_period(
+        cls,
+        sync_period: float,
+        clock: Clock = time.time,
+        *,
+        families: Iterable[Family] = (),
+        node_required: bool = False,
+    ) -> ProxierHealth:
         """kube-proxy allows twice the sync period (--iptables-sync-period, default 30 s) between queue and sync."""
-        return cls(2 * sync_period, clock)
+        return cls(2 * sync_period, clock, families=families, node_required=node_required)
 
     def now(self) -> float:
         """This object's clock, for the `started` argument of `updated`."""
@@ -157,8 +178,12 @@ class ProxierHealth:
             self._last_updated[family] = self._clock()
 
     def sync_node(self, node: Node | None) -> None:
+        """This node's object as it now stands; None when there is none (never seen, or deleted)."""
         with self._lock:
-            self._node_eligible = node is None or not node.deleting
+            if node is None:
+                self._node_eligible = not self._node_required
+            else:
+                self._node_eligible = not node.deleting
 
     @property
     def node_eligible(self) -> bool:
@@ -169,7 +194,11 @@ class ProxierHealth:
             now = self._clock()
             status: dict[Family, FamilyHealth] = {}
             for fam in FAMILIES:
-                if fam not in self._last_updated and fam not in self._oldest_pending:
+                if (
+                    fam not in self._families
+                    and fam not in self._last_updated
+                    and fam not in self._oldest_pending
+                ):
                     continue
                 pending = self._oldest_pending.get(fam)
                 ok = pending is None or now - pending < self.timeout

@@ -19,6 +19,8 @@ from kproxy.health import (
     ServiceHealthServer,
     go_time,
     health_check_ports,
+    healthz_response,
+    livez_response,
     local_ready_endpoints,
 )
 from kproxy.metrics import Metrics
@@ -152,15 +154,51 @@ def test_health_reports_per_family_status_and_latest_update() -> None:
 
 
 @pytest.mark.parametrize(
-    ("node", "eligible"),
-    [(None, True), (Node("n1"), True), (Node("n1", deleting=True), False)],
-    ids=["no node object", "node present", "node being deleted"],
+    ("required", "node", "eligible"),
+    [
+        (False, None, True),
+        (False, Node("n1"), True),
+        (False, Node("n1", deleting=True), False),
+        (True, None, False),
+        (True, Node("n1"), True),
+        (True, Node("n1", deleting=True), False),
+    ],
+    ids=[
+        "manifests: no node object",
+        "manifests: node present",
+        "manifests: node being deleted",
+        "api: node deleted or unknown",
+        "api: node present",
+        "api: node being deleted",
+    ],
 )
-def test_node_eligibility(node: Node | None, eligible: bool) -> None:
-    state = ProxierHealth(60, FakeClock())
+def test_node_eligibility(required: bool, node: Node | None, eligible: bool) -> None:
+    state = ProxierHealth(60, FakeClock(), node_required=required)
     state.sync_node(Node("n1", deleting=True))
     state.sync_node(node)
     assert state.node_eligible is eligible
+
+
+def test_with_an_api_the_node_is_not_eligible_until_its_node_object_arrives() -> None:
+    state = ProxierHealth(60, FakeClock(), families=(4,), node_required=True)
+    assert healthz_response(state).status == 503
+    assert livez_response(state).status == 200, "livez ignores the node"
+    state.sync_node(Node("n1"))
+    assert healthz_response(state).status == 200
+
+
+def test_every_family_has_a_status_before_the_first_sync() -> None:
+    clock = FakeClock()
+    state = ProxierHealth(60, clock, families=(4, 6))
+    doc = json.loads(healthz_response(state).body)
+    assert doc["status"] == {
+        "IPv4": {"lastUpdated": "0001-01-01T00:00:00Z", "healthy": True},
+        "IPv6": {"lastUpdated": "0001-01-01T00:00:00Z", "healthy": True},
+    }
+    state.queued_update(6)
+    clock.now += 61
+    doc = json.loads(healthz_response(state).body)
+    assert doc["status"]["IPv4"]["healthy"] is True and doc["status"]["IPv6"]["healthy"] is False
 
 
 @pytest.mark.parametrize(

@@ -9,16 +9,23 @@ from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from kproxy.configz import configz, go_duration
 from kproxy.health import ProxierHealth, healthz_response
 from kproxy.metrics import (
     NETWORK_PROGRAMMING_BUCKETS,
     SYNC_BUCKETS,
     Metrics,
     MetricsServer,
+    NoLocalEndpoints,
+    no_local_flags,
 )
+from kproxy.settings import Settings
+from kproxy.state.model import Endpoint, ServicePort, ServicePortName
 from tests.httpclient import get
 
 # name (as a scraper sees the family) -> (type, label names besides le)
@@ -110,7 +117,8 @@ def test_every_kube_proxy_metric_is_exposed_with_its_type_and_labels(busy_metric
         for s in _samples(fams[name]):
             assert set(s.labels) - {"le"} == labels, f"{s.name} labels {sorted(s.labels)}"
     assert "_created" not in text, "kube-proxy exposes no _created series"
-    assert not [n for n in fams if not n.startswith("kubeproxy_")], "only kube-proxy's names in this registry"
+    others = [n for n in fams if not n.startswith(("kubeproxy_", "process_", "python_"))]
+    assert not others, "only kube-proxy's names and the standard collectors in this registry"
 
 
 def test_counter_sample_names_are_exact(busy_metrics: Metrics) -> None:
@@ -227,3 +235,132 @@ def test_metrics_port_healthz_defaults_to_ok_and_can_be_the_proxier_health() -> 
 
 def test_unknown_path_is_404() -> None:
     assert _scrape(MetricsServer(Metrics(), "iptables", host="127.0.0.1", port=0), "/debug").status == 404
+
+
+def test_process_and_runtime_collectors_sit_beside_kube_proxys_metrics() -> None:
+    """Dashboards built for kube-proxy graph process_* (CPU, memory, descriptors) too."""
+    fams = _families(Metrics().exposition().decode())
+    for name in (
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+        "python_gc_collections_total",
+        "python_info",
+    ):
+        assert name in fams, f"{name} missing from /metrics"
+    assert _value(Metrics(), "process_resident_memory_bytes") > 0
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (30, "30s"), (1.5, "1.5s"), (0.1, "100ms"), (90, "1m30s"), (3600, "1h0m0s"), (1e-6, "1µs")],
+)
+def test_durations_print_like_go(seconds: float, text: str) -> None:
+    assert go_duration(seconds) == text
+
+
+def test_configz_serves_the_effective_configuration_as_kube_proxy_does() -> None:
+    s = Settings(
+        node_name="node-a",
+        cluster_cidr=("10.244.0.0/16", "fd00:10:244::/56"),
+        sync_period=30,
+        min_sync_period=1,
+        masquerade_bit=14,
+        nodeport_addresses=("primary",),
+    )
+    server = MetricsServer(Metrics(), "iptables", host="127.0.0.1", port=0, configz=lambda: configz(s))
+    got = _scrape(server, "/configz")
+    assert got.status == 200 and got.headers["content-type"] == "application/json"
+    doc = got.json()
+    assert list(doc) == ["kubeproxy.config.k8s.io"], "one entry, under kube-proxy's API group"
+    cfg = doc["kubeproxy.config.k8s.io"]
+    assert cfg["mode"] == "iptables" and cfg["hostnameOverride"] == "node-a"
+    assert cfg["clusterCIDR"] == "10.244.0.0/16,fd00:10:244::/56"
+    assert cfg["syncPeriod"] == "30s" and cfg["minSyncPeriod"] == "1s"
+    assert cfg["iptables"]["masqueradeBit"] == 14
+    assert cfg["nodePortAddresses"] == ["primary"]
+    assert cfg["metricsBindAddress"] == "127.0.0.1:10249"
+
+
+def test_configz_is_404_when_not_configured() -> None:
+    assert _scrape(MetricsServer(Metrics(), "iptables", host="127.0.0.1", port=0), "/configz").status == 404
+
+
+# ------------------------------------------------------ no local endpoints
+
+_LOCAL = Endpoint("10.244.1.2", 8080, is_local=True)
+_REMOTE = Endpoint("10.244.2.9", 8080)
+_LOCAL_TERM = Endpoint("10.244.1.3", 8080, ready=False, serving=True, terminating=True, is_local=True)
+_REMOTE_DOWN = Endpoint("10.244.2.8", 8080, ready=False, serving=False)
+_NAME = ServicePortName("shop", "web", "", "TCP")
+
+
+def _port(itp: bool = False, etp: bool = False, node_port: int = 0) -> ServicePort:
+    return ServicePort(_NAME, 4, "10.96.0.1", 80, node_port=node_port, internal_local=itp, external_local=etp)
+
+
+@pytest.mark.parametrize(
+    ("sp", "eps", "flags"),
+    [
+        (_port(), (_REMOTE,), (False, False)),
+        (_port(itp=True), (_REMOTE,), (True, False)),
+        (_port(itp=True), (_LOCAL, _REMOTE), (False, False)),
+        (_port(itp=True), (), (False, False)),
+        (_port(itp=True), (_REMOTE_DOWN,), (False, False)),
+        (_port(itp=True), (_LOCAL_TERM, _REMOTE), (False, False)),
+        (_port(itp=True), (_LOCAL_TERM,), (False, False)),
+        (_port(etp=True, node_port=30080), (_REMOTE,), (False, True)),
+        (_port(etp=True), (_REMOTE,), (False, False)),
+        (_port(itp=True, etp=True, node_port=30080), (_REMOTE,), (True, True)),
+        (_port(itp=True, etp=True, node_port=30080), (_LOCAL,), (False, False)),
+    ],
+    ids=[
+        "cluster policies never count",
+        "internal Local, endpoints only elsewhere",
+        "internal Local, one local endpoint",
+        "no endpoints at all: rejected, not counted",
+        "no usable endpoint anywhere: not counted",
+        "a terminating local one serves Local even with ready ones elsewhere",
+        "terminating local fallback serves",
+        "external Local with a node port, endpoints elsewhere",
+        "external Local without any external access: policy means nothing",
+        "both Local",
+        "both Local, local endpoint",
+    ],
+)
+def test_no_local_endpoints_as_kube_proxy_counts(
+    sp: ServicePort, eps: tuple[Endpoint, ...], flags: tuple[bool, bool]
+) -> None:
+    assert no_local_flags(sp, eps) == flags
+
+
+_NAMES = [ServicePortName("shop", svc, "", "TCP") for svc in ("a", "b", "c")]
+_entry = st.tuples(
+    st.booleans(),
+    st.booleans(),
+    st.lists(st.sampled_from([_LOCAL, _REMOTE, _LOCAL_TERM, _REMOTE_DOWN]), max_size=3, unique=True),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([4, 6]), st.sampled_from(_NAMES), st.none() | _entry), max_size=25))
+def test_no_local_index_matches_a_full_recount(steps: list[tuple[int, ServicePortName, Any]]) -> None:
+    """The gauge is kept per changed port; it must always equal a walk over everything."""
+    views: dict[int, dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]] = {4: {}, 6: {}}
+    index = NoLocalEndpoints()
+    for family, name, entry in steps:
+        view = views[family]
+        if entry is None:
+            view.pop(name, None)
+        else:
+            itp, etp, eps = entry
+            sp = ServicePort(
+                name, 4, "10.96.0.1", 80, node_port=30080, internal_local=itp, external_local=etp
+            )
+            view[name] = (sp, tuple(eps))
+        got = index.update(family, view, [name])
+        flags = [no_local_flags(sp, eps) for sp, eps in view.values()]
+        assert got == (sum(f[0] for f in flags), sum(f[1] for f in flags))
+        assert index.counts(family) == got

@@ -762,7 +762,15 @@ def _node(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> Node:
         labels=tuple(sorted(labels)),
         pod_cidrs=cidrs,
         addresses=tuple(addresses),
-        deleting=meta.get("deletionTimestamp") is not None,
+        deleting=meta.get("deletionTimestamp") is not None or _to_be_deleted(spec),
+    )
+
+
+def _to_be_deleted(spec: Mapping[str, Any]) -> bool:
+    """The cluster autoscaler's taint on a node it is about to remove (kube-proxy's ToBeDeletedTaint)."""
+    taints = spec.get("taints")
+    return isinstance(taints, list) and any(
+        isinstance(t, Mapping) and t.get("key") == "ToBeDeletedByClusterAutoscaler" for t in taints
     )
 
 
