@@ -712,6 +712,71 @@ def test_metrics_parse_carry_kube_proxy_names_and_move_after_a_change(node: Node
     assert after.value("kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 0
 
 
+def test_healthz_drains_a_node_marked_for_deletion_and_metrics_port_serves_configz(node: Node) -> None:
+    """As kube-proxy: /healthz answers 503 (nodeEligible false) while the Node has a deletionTimestamp
+    or the cluster autoscaler's ToBeDeleted taint, so load balancers drain it, and 200 once it is
+    unmarked; /livez ignores the node. The metrics port has /configz, the process collectors and the
+    no-local-endpoints gauge for an internalTrafficPolicy Local service whose pods are elsewhere."""
+    api = node.api()
+    agent = node.agent(api=api)
+    svc = svc_obj("drain", 50)
+    svc["spec"]["internalTrafficPolicy"] = "Local"
+    api.create(svc)
+    api.create(slice_obj("drain", [node.pod(1)], "some-other-node"))
+
+    def healthz() -> tuple[int, dict[str, Any]]:
+        code, body = node.get(HEALTHZ, "/healthz")
+        return code, (json.loads(body) if code else {})
+
+    code, doc = eventually(healthz, lambda r: r[0] == 200, "/healthz 200 once synced", log=agent.log)
+    assert doc["nodeEligible"] is True and set(doc["status"]) == {"IPv4", "IPv6"}, doc
+
+    gauge = "kubeproxy_sync_proxy_rules_no_local_endpoints_total"
+    eventually(
+        lambda: scrape(node).value(gauge, ip_family="IPv4", traffic_policy="internal"),
+        lambda v: v == 1,
+        "no_local_endpoints{internal} counts the Local service with remote pods only",
+        log=agent.log,
+    )
+    api.update(slice_obj("drain", [node.pod(1)], node.topo.node_name))
+    eventually(
+        lambda: scrape(node).value(gauge, ip_family="IPv4", traffic_policy="internal"),
+        lambda v: v == 0,
+        "no_local_endpoints{internal} back to 0 once a pod is local",
+        log=agent.log,
+    )
+
+    marked = node_obj(node.topo)
+    marked["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    marked["metadata"]["finalizers"] = ["example.com/hold"]
+    api.update(marked)
+    code, doc = eventually(healthz, lambda r: r[0] == 503, "/healthz 503 while the Node is being deleted")
+    assert doc["nodeEligible"] is False, doc
+    assert node.get(HEALTHZ, "/livez")[0] == 200, "/livez ignores the node"
+
+    api.update(node_obj(node.topo))
+    eventually(healthz, lambda r: r[0] == 200, "/healthz 200 once the deletion mark is gone", log=agent.log)
+
+    tainted = node_obj(node.topo)
+    tainted["spec"]["taints"] = [
+        {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}
+    ]
+    api.update(tainted)
+    eventually(healthz, lambda r: r[0] == 503, "/healthz 503 under the autoscaler's ToBeDeleted taint")
+    api.update(node_obj(node.topo))
+    eventually(healthz, lambda r: r[0] == 200, "/healthz 200 once the taint is gone", log=agent.log)
+
+    code, body = node.get(METRICS, "/configz")
+    assert code == 200, body
+    cfg = json.loads(body)["kubeproxy.config.k8s.io"]
+    assert cfg["hostnameOverride"] == node.topo.node_name and cfg["mode"] == "iptables", cfg
+    assert cfg["syncPeriod"] == "2s" and cfg["minSyncPeriod"] == "100ms", cfg
+    metrics = scrape(node)
+    assert metrics.value("process_resident_memory_bytes") > 0
+    assert metrics.value("process_cpu_seconds_total") > 0
+    assert agent.alive()
+
+
 # ------------------------------------------------------------------ restart under load
 
 
