@@ -148,11 +148,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from kproxy.backends.iptables.cleanup import cleanup
 
     try:
-        removed = cleanup()
+        report = cleanup()
     except KproxyError as e:
         _warn(sys.stderr, f"cleanup failed: {e}")
         return 1
-    sys.stderr.write(f"kproxy: removed {removed} chains\n")
+    sys.stderr.write(f"kproxy: {report.summary()}\n")
     return 0
 
 

@@ -4,7 +4,8 @@ KproxyError
 ├── ObjectError        a Kubernetes object that cannot be used (skipped, never fatal)
 ├── ConfigError        a flag or config-file value refused at start
 ├── RestoreError       iptables-restore refused a payload (the next sync is full)
-└── SourceError        a source (API server, manifest directory) failed
+├── SourceError        a source (API server, manifest directory) failed
+└── CleanupError       `kproxy cleanup` could not read or remove some of what it owns (exit non-zero)
 """
 
 from __future__ import annotations
@@ -53,3 +54,12 @@ class RestoreError(KproxyError):
 
 class SourceError(KproxyError):
     pass
+
+
+class CleanupError(KproxyError):
+    """What `kproxy cleanup` could not do; everything else it did. One entry per failed step."""
+
+    def __init__(self, failures: list[tuple[str, str]]) -> None:
+        self.failures = failures
+        """(what: e.g. "iptables-nft IPv6 nat", why: the tool's message)."""
+        super().__init__("; ".join(f"{what}: {why}" for what, why in failures))
