@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from kproxy.backends.iptables.cleanup import (
     IPSETS,
+    CleanupHost,
     VirtualServer,
     _set_ports,
     cleanup,
@@ -21,6 +22,7 @@ from kproxy.backends.iptables.cleanup import (
     owned_virtual_servers,
     virtual_servers,
 )
+from kproxy.errors import CleanupError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,6 +136,81 @@ def test_only_the_virtual_servers_kube_proxy_made_are_deleted() -> None:
         VirtualServer("-t", "192.168.1.5:30080"),
         VirtualServer("-t", "[fd00:10:96::1]:443"),
     ], "the node's own LVS on :8080, an SCTP port not in the sets and a fwmark service stay"
+
+
+class IpvsNode(CleanupHost):
+    """A node with ip_vs, as this test kernel is not: ipvsadm, ipset and kube-ipvs0 played from memory."""
+
+    def __init__(self, fail: str = "") -> None:
+        super().__init__(None)
+        self.fail = fail
+        self.calls: list[list[str]] = []
+        self.sets = {"KUBE-NODE-PORT-TCP": "Members:\n30080\n", "KUBE-CLUSTER-IP": "", "other": ""}
+        self.device_deleted = False
+
+    def which(self, name: str) -> bool:
+        return name in ("ipvsadm", "ipset")
+
+    def ipset_loaded(self) -> bool:
+        return True
+
+    def readable(self, path: str) -> bool:
+        return path == "/proc/net/ip_vs"
+
+    def device(self) -> tuple[int, list[str]] | None:
+        return None if self.device_deleted else (7, ["10.96.0.1", "10.96.0.10", "fd00:10:96::1"])
+
+    def delete_device(self, index: int) -> None:
+        assert index == 7
+        self.device_deleted = True
+
+    def run(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        argv = list(argv)
+        self.calls.append(argv)
+        if argv == ["ipvsadm", "-S", "-n"]:
+            return subprocess.CompletedProcess(argv, 0, IPVSADM_SAVE, "")
+        if argv[:2] == ["ipvsadm", "-D"]:
+            ok = self.fail != argv[3]
+            return subprocess.CompletedProcess(
+                argv, 0 if ok else 2, "", "" if ok else "Memory allocation problem"
+            )
+        if argv[:2] == ["ipset", "list"]:
+            if argv[2:] == ["-n"]:
+                return subprocess.CompletedProcess(argv, 0, "\n".join(self.sets) + "\n", "")
+            listing = self.sets.get(argv[2])
+            code = 0 if listing is not None else 1
+            return subprocess.CompletedProcess(argv, code, listing or "", "" if code == 0 else "no such set")
+        if argv[:2] == ["ipset", "destroy"]:
+            del self.sets[argv[2]]
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        raise AssertionError(f"unexpected command {argv}")
+
+
+def test_ipvs_leftovers_removed_in_kube_proxys_order() -> None:
+    """Virtual servers it owns (device addresses, node ports in its sets) first, then kube-ipvs0,
+    its ipsets last; the node's own virtual servers and sets stay."""
+    node = IpvsNode()
+    report = cleanup(host=node)
+    deleted = [c[2:] for c in node.calls if c[:2] == ["ipvsadm", "-D"]]
+    assert deleted == [
+        ["-t", "10.96.0.1:443"],
+        ["-u", "10.96.0.10:53"],
+        ["-t", "192.168.1.5:30080"],
+        ["-t", "[fd00:10:96::1]:443"],
+    ]
+    assert node.device_deleted and report.device
+    assert report.virtual_servers == 4
+    assert list(node.sets) == ["other"] and sorted(report.ipsets) == ["KUBE-CLUSTER-IP", "KUBE-NODE-PORT-TCP"]
+    first_destroy = next(i for i, c in enumerate(node.calls) if c[:2] == ["ipset", "destroy"])
+    assert all(c[0] == "ipset" for c in node.calls[first_destroy:]), "sets go last"
+
+
+def test_a_virtual_server_that_cannot_be_deleted_fails_the_cleanup_after_the_rest() -> None:
+    node = IpvsNode(fail="10.96.0.10:53")
+    with pytest.raises(CleanupError) as err:
+        cleanup(host=node)
+    assert err.value.failures == [("IPVS virtual server -u 10.96.0.10:53", "Memory allocation problem")]
+    assert node.device_deleted and list(node.sets) == ["other"], "everything else was still removed"
 
 
 def test_node_ports_read_from_ipset_listings() -> None:

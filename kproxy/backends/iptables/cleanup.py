@@ -241,8 +241,8 @@ class CleanupReport:
         return ", ".join(parts)
 
 
-class _Host:
-    """Commands in the node's network namespace (or a named one, for tests)."""
+class CleanupHost:
+    """Commands in the node's network namespace (or a named one, for tests); tests may fake it."""
 
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
@@ -255,6 +255,13 @@ class _Host:
             )
         except (OSError, subprocess.TimeoutExpired) as e:
             return subprocess.CompletedProcess(list(argv), 1, "", str(e))
+
+    def which(self, name: str) -> bool:
+        return shutil.which(name) is not None
+
+    def ipset_loaded(self) -> bool:
+        """ip_set loaded (module or built in); without it no set exists, and `ipset` would load it."""
+        return self.which("ipset") and os.path.isdir("/sys/module/ip_set")
 
     def readable(self, path: str) -> bool:
         """A /proc/net file, as the namespace sees it."""
@@ -278,9 +285,9 @@ class _Host:
         return NetNS(self.netns, flags=0) if self.netns else IPRoute()
 
 
-def cleanup(netns: str | None = None) -> CleanupReport:
+def cleanup(netns: str | None = None, *, host: CleanupHost | None = None) -> CleanupReport:
     """Remove every mode's leftovers; raises CleanupError listing what failed, after doing the rest."""
-    host = _Host(netns)
+    host = host or CleanupHost(netns)
     report = CleanupReport()
     failures: list[tuple[str, str]] = []
     device = _device(host, failures)
@@ -304,7 +311,7 @@ def cleanup(netns: str | None = None) -> CleanupReport:
     return report
 
 
-def _device(host: _Host, failures: list[tuple[str, str]]) -> tuple[int, list[str]] | None:
+def _device(host: CleanupHost, failures: list[tuple[str, str]]) -> tuple[int, list[str]] | None:
     try:
         return host.device()
     except OSError as e:
@@ -312,9 +319,9 @@ def _device(host: _Host, failures: list[tuple[str, str]]) -> tuple[int, list[str
         return None
 
 
-def _iptables(host: _Host, backend: Backend, family: Family, failures: list[tuple[str, str]]) -> int:
+def _iptables(host: CleanupHost, backend: Backend, family: Family, failures: list[tuple[str, str]]) -> int:
     save = tool(backend, family, "-save")
-    if shutil.which(save) is None:
+    if not host.which(save):
         return 0
     what = f"iptables-{backend} IPv{family}"
     # Without -t, iptables-save lists only the tables that exist; with it, legacy would create one.
@@ -335,8 +342,8 @@ def _iptables(host: _Host, backend: Backend, family: Family, failures: list[tupl
     return removed
 
 
-def _nftables(host: _Host, report: CleanupReport, failures: list[tuple[str, str]]) -> None:
-    if shutil.which("nft") is None:
+def _nftables(host: CleanupHost, report: CleanupReport, failures: list[tuple[str, str]]) -> None:
+    if not host.which("nft"):
         log.info("cleanup_skipped", what="nftables", reason="nft not installed")
         return
     listed = host.run(["nft", "list", "tables"])
@@ -355,20 +362,17 @@ def _nftables(host: _Host, report: CleanupReport, failures: list[tuple[str, str]
         log.info("cleanup", removed=f"nftables table {family} {name}")
 
 
-def _ipset_loaded() -> bool:
-    """ip_set loaded (module or built in); without it no set exists, and `ipset` would load it."""
-    return shutil.which("ipset") is not None and os.path.isdir("/sys/module/ip_set")
-
-
-def _ipvs(host: _Host, device_ips: list[str], report: CleanupReport, failures: list[tuple[str, str]]) -> None:
-    if shutil.which("ipvsadm") is None or not host.readable("/proc/net/ip_vs"):
+def _ipvs(
+    host: CleanupHost, device_ips: list[str], report: CleanupReport, failures: list[tuple[str, str]]
+) -> None:
+    if not host.which("ipvsadm") or not host.readable("/proc/net/ip_vs"):
         return  # no ip_vs module in this kernel (or not loaded): no virtual servers can exist
     saved = host.run(["ipvsadm", "-S", "-n"])
     if saved.returncode != 0:
         failures.append(("IPVS", f"ipvsadm -S -n: {saved.stderr.strip()}"))
         return
     node_ports: dict[str, set[int]] = {}
-    if _ipset_loaded():
+    if host.ipset_loaded():
         for flag, names in _NODE_PORT_SETS.items():
             for name in names:
                 for prefix in ("KUBE-", "KUBE-6-"):
@@ -385,8 +389,8 @@ def _ipvs(host: _Host, device_ips: list[str], report: CleanupReport, failures: l
         log.info("cleanup", removed="IPVS virtual servers", count=report.virtual_servers)
 
 
-def _ipsets(host: _Host, report: CleanupReport, failures: list[tuple[str, str]]) -> None:
-    if not _ipset_loaded():
+def _ipsets(host: CleanupHost, report: CleanupReport, failures: list[tuple[str, str]]) -> None:
+    if not host.ipset_loaded():
         return
     listed = host.run(["ipset", "list", "-n"])
     if listed.returncode != 0:
