@@ -18,8 +18,8 @@ request/response (a bounded client with 16 sockets, one datagram in flight each)
 HAProxy has no UDP proxying, so its UDP cell is empty.
 
 Needs: apt-get install -y nginx wrk haproxy iperf3; matplotlib in the venv for the chart.
-Writes bench/results/userspace-<time>.{json,md,png} and copies the Markdown to
-bench/RESULTS-userspace.md.
+Writes bench/results/userspace-<time>.{json,md,png} and copies the Markdown and the chart to
+bench/RESULTS-userspace.md and bench/RESULTS-userspace.png (committed; bench/results/ is not).
 """
 
 from __future__ import annotations
@@ -650,11 +650,19 @@ def main() -> int:
     base = RESULTS / f"userspace-{stamp}"
     base.with_suffix(".json").write_text(json.dumps({"meta": meta, **result}, indent=2) + "\n")
     md = markdown(result, meta)
-    if chart(result, base.with_suffix(".png")):
-        md += f"\n![chart](results/{base.name}.png)\n"
-    base.with_suffix(".md").write_text(md)
+    charted = chart(result, base.with_suffix(".png"))
+    # Each Markdown file points at a chart beside it: bench/results/ is not committed, so the
+    # committed RESULTS-userspace.md gets its own copy of the chart.
+    base.with_suffix(".md").write_text(md + (f"\n![chart]({base.name}.png)\n" if charted else ""))
     if not args.no_copy:
-        (ROOT / "bench" / "RESULTS-userspace.md").write_text(md)
+        committed = ROOT / "bench" / "RESULTS-userspace.png"
+        if charted:
+            shutil.copyfile(base.with_suffix(".png"), committed)
+        else:
+            committed.unlink(missing_ok=True)
+        (ROOT / "bench" / "RESULTS-userspace.md").write_text(
+            md + (f"\n![chart]({committed.name})\n" if charted else "")
+        )
     print(md)
     return 0
 
