@@ -211,3 +211,13 @@ def test_image_answers_kube_proxys_command_as_kproxy_run() -> None:
     ]
     args = parser.parse_args(argv)
     assert (args.config, args.node_name) == ("/var/lib/kube-proxy/config.conf", "node-a")
+
+
+def test_containerfile_installs_the_wrapper_where_kubeadms_command_points() -> None:
+    from tests.test_manifests import instructions
+
+    command = kubeadm_daemonset()["spec"]["template"]["spec"]["containers"][0]["command"][0]
+    copies = [args.split() for word, args in instructions() if word == "COPY" and "--from" not in args]
+    assert [str(WRAPPER.relative_to(REPO)), command] in copies
+    verified = " ".join(args for word, args in instructions() if word == "RUN")
+    assert f"{command} --help" in verified, "the build should fail if the wrapper cannot start kproxy"
