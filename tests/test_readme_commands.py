@@ -170,3 +170,28 @@ def test_documented_command(command: Command, rule: Rule | None) -> None:
     assert done.returncode == 0, (
         f"{command.source}: `{command.text}` exited {done.returncode}:\n{done.stderr}"
     )
+
+
+def test_bench_readme_covers_every_benchmark() -> None:
+    text = (REPO / "bench" / "README.md").read_text()
+    scripts = sorted(p.stem for p in (REPO / "bench").glob("*_bench.py"))
+    assert scripts
+    missing = [s for s in scripts if f"bench/{s}.py" not in text and f"bench.{s}" not in text]
+    assert not missing, f"bench/README.md does not say how to run {missing}"
+
+
+@pytest.mark.parametrize("doc", [*DOCS, *sorted((REPO / "bench").glob("RESULTS-*.md"))], ids=lambda p: p.name)
+def test_images_and_links_in_committed_docs_exist(doc: Path) -> None:
+    """A picture or link in a committed Markdown file points at a committed file (not bench/results/)."""
+    targets = re.findall(r"\]\(([^)#\s]+)\)", doc.read_text())
+    local = [t for t in targets if "://" not in t]
+    missing = [t for t in local if not (doc.parent / t).exists()]
+    assert not missing, f"{doc.relative_to(REPO)} links to missing files: {missing}"
+    ignored = subprocess.run(
+        ["git", "check-ignore", *[str(doc.parent / t) for t in local]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    assert not ignored, f"{doc.relative_to(REPO)} links to files git ignores: {ignored}"
