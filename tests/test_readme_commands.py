@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +42,7 @@ COMMAND_WORDS = ("kproxy", ".venv/bin/", "kubectl", "kubeadm", "podman", "docker
 @dataclass(frozen=True)
 class Rule:
     pattern: str
-    action: str  # "run", "netns" (root, in a namespace of its own) or "skip"
+    action: str  # "run"; "netns": root, in a namespace of its own; "agent": as netns, until healthy; "skip"
     reason: str = ""
 
 
@@ -50,9 +56,19 @@ RULES: tuple[Rule, ...] = (
     Rule(r"kubectl ", "skip", "needs a cluster (tests/test_kubeadm_switch.py runs the manifests offline)"),
     Rule(r"kubeadm ", "skip", "needs a kubeadm control-plane node"),
     Rule(r"curl ", "skip", "needs a node agent running in a cluster"),
-    Rule(r"kproxy (run|dry-run)$", "skip", "names the subcommand in prose; its command lines are listed"),
+    Rule(
+        r"kproxy (run|dry-run)( --manifests DIR| --proxy-mode userspace)?$",
+        "skip",
+        "a fragment in prose, not a whole command line",
+    ),
     Rule(r"kproxy run --help$", "run"),
-    Rule(r"kproxy run\b", "skip", "runs until stopped; tests/test_agent_e2e.py starts the agent"),
+    Rule(r"kproxy run --manifests manifests/examples/ ", "agent"),
+    Rule(r"kproxy run --kubeconfig ", "skip", "needs a cluster's API server"),
+    Rule(
+        r"kproxy run --config=/etc/kproxy/",
+        "skip",
+        "the DaemonSet's command line: needs the pod's mounts and an API server",
+    ),
     Rule(r"kproxy dry-run [^|]*\| iptables-restore --test$", "netns"),
     Rule(r"(\.venv/bin/)?kproxy dry-run [^|]*$", "run"),
     Rule(r"kproxy cleanup$", "netns"),
@@ -131,7 +147,7 @@ def _params() -> list[object]:
         marks: list[pytest.MarkDecorator] = []
         if rule is not None and rule.action == "skip":
             marks.append(pytest.mark.skip(reason=f"by design: {rule.reason}"))
-        elif rule is not None and rule.action == "netns":
+        elif rule is not None and rule.action in ("netns", "agent"):
             marks.append(pytest.mark.privileged)
         params.append(pytest.param(c, rule, marks=marks, id=c.text[:90]))
     return params
@@ -158,18 +174,68 @@ def test_documented_command(command: Command, rule: Rule | None) -> None:
         f"{command.source}: `{command.text}` matches no rule in {Path(__file__).name}: "
         "make it run here, or add a skip rule saying why it cannot"
     )
-    netns = None
-    if rule.action == "netns":
-        netns = f"kpdoc{uuid.uuid4().hex[:8]}"
-        subprocess.run(["ip", "netns", "add", netns], check=True, timeout=30)
+    if rule.action == "run":
+        done = _shell(command.text)
+        assert done.returncode == 0, (
+            f"{command.source}: `{command.text}` exited {done.returncode}:\n{done.stderr}"
+        )
+        return
+    netns = f"kpdoc{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", netns], check=True, timeout=30)
     try:
+        if rule.action == "agent":
+            _run_agent_until_healthy(command, netns)
+            return
         done = _shell(command.text, netns)
+        assert done.returncode == 0, (
+            f"{command.source}: `{command.text}` exited {done.returncode}:\n{done.stderr}"
+        )
     finally:
-        if netns is not None:
-            subprocess.run(["ip", "netns", "delete", netns], check=False, timeout=30)
-    assert done.returncode == 0, (
-        f"{command.source}: `{command.text}` exited {done.returncode}:\n{done.stderr}"
-    )
+        subprocess.run(["ip", "netns", "delete", netns], check=False, timeout=30)
+
+
+def _healthz(netns: str) -> int | None:
+    from tests.netns import entered
+
+    with entered(netns):
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:10256/healthz", timeout=2) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+        except OSError:
+            return None
+
+
+def _run_agent_until_healthy(command: Command, netns: str) -> None:
+    """Start the agent as documented, wait (bounded) for /healthz 200, stop it with SIGTERM."""
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=30)
+    argv = shlex.split(command.text)
+    argv[0] = str(VENV_BIN / argv[0])
+    # The log goes to a file, not a pipe, so the agent never blocks writing it.
+    with tempfile.TemporaryFile(mode="w+") as log:
+        agent = subprocess.Popen(
+            ["ip", "netns", "exec", netns, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log
+        )
+        try:
+            status = None
+            for _ in range(300):
+                status = _healthz(netns)
+                if status == 200 or agent.poll() is not None:
+                    break
+                time.sleep(0.1)
+            log.seek(0)
+            assert status == 200, f"`{command.text}`: /healthz answered {status}:\n{log.read()}"
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=60)
+            log.seek(0)
+            assert agent.returncode == 0, (
+                f"`{command.text}` exited {agent.returncode} on SIGTERM:\n{log.read()}"
+            )
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait(timeout=30)
 
 
 def test_bench_readme_covers_every_benchmark() -> None:
