@@ -111,6 +111,47 @@ def test_patch_targets_kubeadms_daemonset_and_container() -> None:
     assert container["image"] == own["spec"]["template"]["spec"]["containers"][0]["image"]
 
 
+# Strategic-merge keys of the lists a pod template holds (from the Kubernetes API's
+# patchMergeKey tags); any other list is replaced whole.
+MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "env": "name",
+    "ports": "containerPort",
+}
+
+
+def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
+    """The part of a strategic-merge patch a DaemonSet image patch uses, for hosts without kubectl."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = strategic_merge(base[key], value, key) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(patch, list) and field in MERGE_KEYS:
+        key = MERGE_KEYS[field]
+        out = list(base)
+        for item in patch:
+            at = next((i for i, old in enumerate(out) if old.get(key) == item.get(key)), None)
+            if at is None:
+                out.append(item)
+            else:
+                out[at] = strategic_merge(out[at], item)
+        return out
+    return patch
+
+
+def test_patch_changes_only_the_image() -> None:
+    """The same check as below without kubectl (CI's image has none): a small strategic merge."""
+    before = kubeadm_daemonset()
+    (patch,) = load(PATCH)
+    after = strategic_merge(before, patch)
+    assert differences(before, after) == [IMAGE_PATH]
+    kubernetes_validate.validate(after, "1.30", strict=True)
+
+
 @needs_kubectl
 def test_kubectl_patch_changes_only_the_image() -> None:
     before = kubeadm_daemonset()
@@ -120,6 +161,9 @@ def test_kubectl_patch_changes_only_the_image() -> None:
     assert differences(before, after) == [IMAGE_PATH]
     assert after["spec"]["template"]["spec"]["containers"][0]["image"] == patch_image()
     kubernetes_validate.validate(after, "1.30", strict=True)
+    # The small merge above agrees with kubectl's.
+    (patch,) = load(PATCH)
+    assert strategic_merge(before, patch) == after
 
 
 @needs_kubectl
