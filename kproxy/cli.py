@@ -405,8 +405,11 @@ def _not_found(key: ServiceKey, snapshot: Snapshot, paths: Sequence[str]) -> str
         if spec.get("clusterIP") == "None":
             return f"service {key} is headless (clusterIP: None): clients reach the pods directly, no proxy rules\n"
         return f"service {key} was skipped (see the errors above, or it is not for this proxy): no rules\n"
-    names = sorted({str(k) for k in snapshot.services} | {str(k) for k in raw})
-    close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.5)
+    keys = sorted(set(snapshot.services) | set(raw))
+    close = [str(k) for k in keys if k.name == key.name and k != key]
+    names = difflib.get_close_matches(key.name, sorted({k.name for k in keys} - {key.name}), n=3, cutoff=0.6)
+    close += [str(k) for k in keys if k.name in names]
+    close = close[:3]
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
     return f"service {key} not found{hint}\n"
 

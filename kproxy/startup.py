@@ -193,6 +193,9 @@ def _try_client(s: Settings, thing: str, fix: str) -> None:
         make_api_client(kubeconfig=s.kubeconfig or None, master=s.master or None)
     except ConfigError as e:
         raise StartupError(f"{thing} ({e.reason.splitlines()[0] if e.reason else 'invalid'})", fix) from None
+    except Exception as e:  # the client library raises anything at all on a malformed file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StartupError(f"{thing} ({first})", fix) from None
 
 
 def check_privileges() -> None:
