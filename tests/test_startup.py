@@ -192,3 +192,17 @@ def test_defaults_change_nothing_but_timeouts_on_a_large_kernel() -> None:
     sysfs = kernel()
     apply_conntrack(s, sysfs, 2)
     assert sysfs.writes == []
+
+
+@pytest.mark.privileged
+def test_kube_proxy_cleanup_flag_removes_the_rules_and_exits(netns: str) -> None:
+    """`kproxy --cleanup` (kube-proxy's argv, no subcommand) does what `kproxy cleanup` does."""
+    rules = (
+        "*nat\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n-A KUBE-SERVICES -j RETURN\nCOMMIT\n"
+    )
+    exec_in(netns, ["iptables-nft-restore", "--noflush"], input=rules)
+    argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "kproxy", "--cleanup"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "KUBE-SERVICES" not in exec_in(netns, ["iptables-nft-save", "-t", "nat"]).stdout
