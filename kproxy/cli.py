@@ -57,7 +57,6 @@ def _service_key(text: str) -> ServiceKey:
 def add_dry_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "dry-run",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="print the iptables-restore input for Services in manifest files",
         description=(
             "Render the rules kproxy would install on the node named by --node-name for the objects in the given files "
@@ -74,7 +73,7 @@ def add_dry_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="append",
         required=True,
         metavar="PATH",
-        help="manifest file or directory (repeatable); - reads standard input",
+        help="manifest file or directory (repeatable; required); - reads standard input",
     )
     p.add_argument(
         "--node-name",
@@ -82,7 +81,8 @@ def add_dry_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         dest="node_name",
         required=True,
         metavar="NAME",
-        help="the node to render for: its endpoints are local, its Node object gives zone, pod CIDRs, addresses",
+        help="the node to render for (required): its endpoints are local, its Node object gives zone, "
+        "pod CIDRs, addresses",
     )
     p.add_argument(
         "--ip-family",
@@ -98,17 +98,24 @@ def add_dry_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         type=_cidr_list,
         default=(),
         metavar="CIDR[,CIDR]",
-        help="pod CIDR(s), at most one per family; traffic to a cluster IP from outside is masqueraded",
+        help="pod CIDR(s), at most one per family; traffic to a cluster IP from outside is masqueraded "
+        "(default none)",
     )
-    p.add_argument("--masquerade-all", action="store_true", help="masquerade all traffic to cluster IPs")
+    p.add_argument(
+        "--masquerade-all", action="store_true", help="masquerade all traffic to cluster IPs (default off)"
+    )
     p.add_argument(
         "--nodeport-addresses",
         type=_cidr_list,
         default=(),
         metavar="CIDR[,CIDR...]",
-        help="accept node ports only on the Node's addresses inside these CIDRs",
+        help="accept node ports only on the Node's addresses inside these CIDRs (default every local address)",
     )
-    p.add_argument("--strict", action="store_true", help="exit 1 when any object was skipped")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when any object was skipped (default off: skipped objects are only reported)",
+    )
     p.add_argument(
         "--explain",
         type=_service_key,

@@ -566,6 +566,7 @@ FLAGS: tuple[Flag, ...] = (
         _str,
         "content type of API requests (kproxy always speaks JSON)",
         "application/vnd.kubernetes.protobuf",
+        metavar="TYPE",
     ),
     _flag(
         "--kube-api-qps",
@@ -957,7 +958,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                 *flag.names, dest=flag.attr, nargs="?", const="true", metavar="true|false", help=help_text
             )
         else:
-            p.add_argument(*flag.names, dest=flag.attr, metavar=flag.metavar, help=help_text)
+            p.add_argument(*flag.names, dest=flag.attr, metavar=flag.metavar or "VALUE", help=help_text)
 
 
 def _flag_name(flag: Flag) -> str:
