@@ -263,3 +263,74 @@ def test_written_config_loads_back_to_the_same_settings(tmp_path: Path) -> None:
 def test_every_field_is_reachable_once() -> None:
     paths = [f.path for f in CONFIG_FIELDS]
     assert len(paths) == len(set(paths))
+
+
+# Every flag of kube-proxy's cmd/kube-proxy/app/options.go (AddFlags and logsapi.AddFlags),
+# each with a value kube-proxy would take.
+KUBE_PROXY_FLAGS = [
+    "--write-config-to=/tmp/x",
+    "--cleanup=false",
+    "--feature-gates=A=true",
+    "--kubeconfig=/k",
+    "--master=https://10.0.0.1:6443",
+    "--kube-api-content-type=application/json",
+    "--kube-api-burst=20",
+    "--kube-api-qps=10",
+    "--hostname-override=n",
+    "--bind-address=10.0.0.5",
+    "--healthz-bind-address=0.0.0.0:10256",
+    "--metrics-bind-address=127.0.0.1:10249",
+    "--bind-address-hard-fail",
+    "--profiling=false",
+    "--show-hidden-metrics-for-version=1.30",
+    "--init-only=false",
+    "--proxy-mode=iptables",
+    "--iptables-masquerade-bit=14",
+    "--masquerade-all=true",
+    "--iptables-localhost-nodeports=true",
+    "--iptables-sync-period=30s",
+    "--iptables-min-sync-period=1s",
+    "--ipvs-sync-period=30s",
+    "--ipvs-min-sync-period=0s",
+    "--ipvs-scheduler=rr",
+    "--ipvs-exclude-cidrs=10.0.0.0/8",
+    "--ipvs-strict-arp",
+    "--ipvs-tcp-timeout=0s",
+    "--ipvs-tcpfin-timeout=0s",
+    "--ipvs-udp-timeout=0s",
+    "--detect-local-mode=ClusterCIDR",
+    "--pod-bridge-interface=cni0",
+    "--pod-interface-name-prefix=veth",
+    "--cluster-cidr=10.244.0.0/16",
+    "--nodeport-addresses=10.0.0.0/8",
+    "--oom-score-adj=-999",
+    "--conntrack-max-per-core=32768",
+    "--conntrack-min=131072",
+    "--conntrack-tcp-timeout-established=24h0m0s",
+    "--conntrack-tcp-timeout-close-wait=1h0m0s",
+    "--conntrack-tcp-be-liberal=false",
+    "--conntrack-udp-timeout=0s",
+    "--conntrack-udp-timeout-stream=0s",
+    "--config-sync-period=15m0s",
+    "--healthz-port=10256",
+    "--metrics-port=10249",
+    "--v=2",
+    "--vmodule=proxier=4",
+    "--logging-format=text",
+    "--log-flush-frequency=5s",
+    "--log-json-split-stream=false",
+    "--log-json-info-buffer-size=0",
+    "--log-text-split-stream=false",
+    "--log-text-info-buffer-size=0",
+]
+
+
+@pytest.mark.parametrize("flag", KUBE_PROXY_FLAGS)
+def test_every_kube_proxy_flag_is_accepted(flag: str) -> None:
+    settings_for([flag])
+
+
+def test_all_of_kube_proxys_flags_together() -> None:
+    s = settings_for(KUBE_PROXY_FLAGS)
+    assert (s.bind_address, s.kube_api_qps, s.kube_api_burst) == ("10.0.0.5", 10.0, 20)
+    assert (s.masquerade_all, s.bind_address_hard_fail, s.verbosity) == (True, True, 2)
