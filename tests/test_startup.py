@@ -206,3 +206,31 @@ def test_kube_proxy_cleanup_flag_removes_the_rules_and_exits(netns: str) -> None
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert "KUBE-SERVICES" not in exec_in(netns, ["iptables-nft-save", "-t", "nat"]).stdout
+
+
+def test_settings_reach_the_render_config() -> None:
+    """What the config file says about local detection, localhost node ports and the node's
+    primary IP (bindAddress) is what the renderer is given."""
+    from kproxy.agent import NodeAgent
+    from tests.test_agent import Recorder
+
+    s = Settings(
+        node_name="node-a",
+        families=(4, 6),
+        detect_local_mode="InterfaceNamePrefix",
+        interface_name_prefix="veth",
+        localhost_nodeports=False,
+        bind_address="10.0.0.9",
+        nodeport_addresses=("10.0.0.0/8",),
+    )
+    a = NodeAgent(s, Recorder(), node_ips=("10.0.0.5", "10.0.0.9", "fd00::5"))
+    cfgs = a._render_configs()
+    assert (cfgs[4].detect_local_mode, cfgs[4].interface_name_prefix) == ("InterfaceNamePrefix", "veth")
+    assert cfgs[4].localhost_nodeports is False
+    assert cfgs[4].node_ip == "10.0.0.9" and cfgs[6].node_ip == "fd00::5"
+    a = NodeAgent(
+        replace(s, localhost_nodeports=True, bind_address="0.0.0.0"), Recorder(), node_ips=("10.0.0.5",)
+    )
+    cfgs = a._render_configs()
+    assert cfgs[4].localhost_nodeports is True and cfgs[6].localhost_nodeports is False
+    assert cfgs[4].node_ip == "10.0.0.5"
