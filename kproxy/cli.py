@@ -248,7 +248,9 @@ def _switch(args: argparse.Namespace, name: str) -> bool:
 
 def _write_config(settings: Settings, path: str) -> int:
     """kube-proxy's --write-config-to: the effective configuration as YAML, then exit."""
-    text = yaml.safe_dump(effective_config(settings), sort_keys=False)
+    from kproxy.configz import go_duration
+
+    text = yaml.safe_dump(effective_config(settings, dur=go_duration), sort_keys=False)
     try:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)

@@ -446,11 +446,15 @@ def config_values(doc: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def effective_config(s: Settings) -> dict[str, Any]:
-    """The KubeProxyConfiguration these settings amount to (for --write-config-to)."""
+def effective_config(s: Settings, dur: Callable[[float], str] | None = None) -> dict[str, Any]:
+    """The KubeProxyConfiguration these settings amount to (--write-config-to, /configz).
 
-    def dur(seconds: float) -> str:
+    `dur` writes a duration (kproxy.configz.go_duration writes them as Go does)."""
+
+    def default_dur(seconds: float) -> str:
         return f"{seconds:g}s"
+
+    write_dur = dur or default_dur
 
     def out_value(attr: str) -> Any:
         value = getattr(s, attr)
@@ -461,7 +465,7 @@ def effective_config(s: Settings) -> dict[str, Any]:
         if attr == "nodeport_addresses":
             return list(value) or None
         if isinstance(value, float) and attr not in ("kube_api_qps",):
-            return dur(value)
+            return write_dur(value)
         return value
 
     doc: dict[str, Any] = {"apiVersion": CONFIG_API_VERSION, "kind": CONFIG_KIND}
