@@ -214,6 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _warn(sys.stderr, f"refusing to start: {e}")
         return 2
     if getattr(args, "write_config_to", None):
+        for note in settings.warnings:
+            _warn(sys.stderr, f"warning: {note}")
         return _write_config(settings, args.write_config_to)
     if _switch(args, "cleanup"):
         return cmd_cleanup(args)
