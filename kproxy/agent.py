@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from kproxy.health import (
 )
 from kproxy.metrics import Metrics, MetricsServer, NoLocalEndpoints
 from kproxy.runner import BoundedFrequencyRunner
-from kproxy.settings import Settings
+from kproxy.settings import Settings, bind_override
 from kproxy.sources.apiwatch import SourceEvent
 from kproxy.sources.dirwatch import watch_directory
 from kproxy.state.model import EndpointSlice, Family, ServiceKey, ServicePortName
@@ -139,6 +140,8 @@ class NodeAgent:
     def _render_configs(self) -> dict[Family, RenderConfig]:
         s, node = self.settings, self.tracker.node
         ips = self.node_ips or (node.addresses if node else ())
+        if bind_override(s):  # --bind-address names the node's primary IP of its family
+            ips = (bind_override(s), *(ip for ip in ips if ip != bind_override(s)))
         return {
             f: render_config(
                 f,
@@ -151,6 +154,9 @@ class NodeAgent:
                 masquerade_bit=s.masquerade_bit,
                 nodeport_addresses=s.nodeport_addresses,
                 node_ips=ips,
+                bridge_interface=s.bridge_interface,
+                interface_name_prefix=s.interface_name_prefix,
+                localhost_nodeports=s.localhost_nodeports,
             )
             for f in self.families
         }
@@ -345,12 +351,13 @@ def run_agent(settings: Settings) -> int:
     """`kproxy run`: build the agent for this host and serve until SIGTERM."""
     from kproxy.nodeaddr import node_addresses
 
-    log.setup(settings.log_level)
+    log.setup(settings.effective_log_level, fmt=settings.logging_format)
     try:
         backend = make_backend(settings)
     except KproxyError as e:
         log.error("startup_failed", error=str(e))
-        return 2
+        sys.stderr.write(f"kproxy: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+        return 1
     agent = NodeAgent(settings, backend, node_ips=node_addresses(), follow_addresses=True)
     if settings.proxy_mode == "iptables":
         from kproxy.backends.iptables.conntrack import NetlinkConntrack

@@ -5,14 +5,14 @@ under the API group name and serves `{"kubeproxy.config.k8s.io": {...}}`, the
 configuration after flags, file and defaults were merged, with Go's field names
 and durations written as Go prints them ("30s", "1h0m0s"). Tools that diff a
 node's effective configuration against the ConfigMap read this document, so the
-keys follow the KubeProxyConfiguration API; fields kproxy does not have are left out.
+keys follow the KubeProxyConfiguration API (fields kproxy only accepts and warns about are left out).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from kproxy.settings import Settings
+from kproxy.settings import Settings, effective_config
 
 GROUP = "kubeproxy.config.k8s.io"
 
@@ -43,25 +43,13 @@ def _trim(value: float) -> str:
 
 
 def configuration(s: Settings) -> dict[str, Any]:
-    """The KubeProxyConfiguration fields kproxy implements, as the running agent uses them."""
-    return {
-        "clientConnection": {"kubeconfig": s.kubeconfig},
-        "hostnameOverride": s.node_name,
-        "healthzBindAddress": s.healthz_bind_address,
-        "metricsBindAddress": s.metrics_bind_address,
-        "mode": s.proxy_mode,
-        "clusterCIDR": ",".join(s.cluster_cidr),
-        "detectLocalMode": s.detect_local_mode,
-        "nodePortAddresses": list(s.nodeport_addresses),
-        "syncPeriod": go_duration(s.sync_period),
-        "minSyncPeriod": go_duration(s.min_sync_period),
-        "iptables": {
-            "masqueradeAll": s.masquerade_all,
-            "masqueradeBit": s.masquerade_bit,
-            "syncPeriod": go_duration(s.sync_period),
-            "minSyncPeriod": go_duration(s.min_sync_period),
-        },
-    }
+    """Every KubeProxyConfiguration field, as the running agent uses it (the same document
+    `--write-config-to` writes), plus the internal config's top-level sync periods."""
+    doc = effective_config(s, dur=go_duration)
+    del doc["apiVersion"], doc["kind"]
+    doc["syncPeriod"] = go_duration(s.sync_period)
+    doc["minSyncPeriod"] = go_duration(s.min_sync_period)
+    return doc
 
 
 def configz(s: Settings) -> dict[str, Any]:

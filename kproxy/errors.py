@@ -3,6 +3,7 @@
 KproxyError
 ├── ObjectError        a Kubernetes object that cannot be used (skipped, never fatal)
 ├── ConfigError        a flag or config-file value refused at start
+├── StartupError       something `run` needs is missing: exit 1 with one line, before serving
 ├── RestoreError       iptables-restore refused a payload (the next sync is full)
 ├── SourceError        a source (API server, manifest directory) failed
 └── CleanupError       `kproxy cleanup` could not read or remove some of what it owns (exit non-zero)
@@ -38,6 +39,15 @@ class ConfigError(KproxyError):
         self.option = option
         self.reason = reason
         super().__init__(f"{option}: {reason}")
+
+
+class StartupError(KproxyError):
+    """What is missing and how to fix it, printed as one line before `kproxy run` exits 1."""
+
+    def __init__(self, thing: str, fix: str) -> None:
+        self.thing = thing
+        self.fix = fix
+        super().__init__(f"{thing}: {fix}")
 
 
 class RestoreError(KproxyError):

@@ -1027,3 +1027,39 @@ def test_node_port_follows_an_address_the_node_gains_and_loses(node: Node) -> No
     node.wait_outcome(extra, 30079, "timeout", agent)
     assert not node.hit(node.topo.node.ipv4, 30079).ok
     assert agent.alive(), agent.tail()
+
+
+# ------------------------------------------------------------------ kubeadm's ConfigMap
+
+
+KUBEADM_DATA = ROOT / "tests" / "data" / "kubeadm"
+
+
+@pytest.mark.parametrize("payload", ["kubeadm-1.20.yaml", "kubeadm-1.31-dualstack.yaml"])
+def test_kubeadm_configmap_payload_runs_as_kube_proxys_daemonset_would(node: Node, payload: str) -> None:
+    """`kproxy run --config=<config.conf> --hostname-override=<node>`: kube-proxy's DaemonSet
+    arguments, nothing else, with the ConfigMap payload kubeadm writes (only the kubeconfig path
+    and pod subnet changed to this lab's). The service answers, /healthz at kube-proxy's default
+    address says 200, and /metrics answers at kube-proxy's default address."""
+    api = node.api()
+    kubeconfig = api.write_kubeconfig(node.tmp / "kubeconfig.conf")
+    text = (KUBEADM_DATA / payload).read_text()
+    text = text.replace("/var/lib/kube-proxy/kubeconfig.conf", str(kubeconfig))
+    cidr = f"{CLUSTER_CIDR[4]},{CLUSTER_CIDR[6]}" if "dualstack" in payload else CLUSTER_CIDR[4]
+    text = re.sub(r"(?m)^clusterCIDR: .*$", f"clusterCIDR: {cidr}", text)
+    config = node.tmp / "config.conf"
+    config.write_text(text)
+    argv = [sys.executable, *AGENT_CMD, f"--config={config}", f"--hostname-override={node.topo.node_name}"]
+    log = node.tmp / "agent-kubeadm.log"
+    with log.open("ab") as err:
+        proc = node.topo.spawn(node.ns, argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, cwd=ROOT)
+    agent = Agent(proc, log)
+    node.agents.append(agent)
+    pod1, pod2 = node.pod(1), node.pod(2)
+    api.create(svc_obj("web", 1))
+    api.create(slice_obj("web", [pod1, pod2], node.topo.node_name))
+    node.wait_answer(vip(1), 80, {pod1.name, pod2.name}, agent)
+    assert node.get(HEALTHZ, "/healthz")[0] == 200
+    assert node.get(METRICS, "/metrics")[0] == 200
+    assert agent.alive(), agent.tail()
+    assert not agent.events("config_ignored"), agent.tail()  # kubeadm's own payload: nothing to warn about

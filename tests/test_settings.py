@@ -31,7 +31,8 @@ def test_bad_durations_name_the_option(text: str) -> None:
         settings_for([f"--iptables-sync-period={text}"])
 
 
-def test_config_file_then_flags_override(tmp_path: Path) -> None:
+def test_config_file_wins_over_its_flags(tmp_path: Path) -> None:
+    """As kube-proxy: with --config, flags mirroring its fields are ignored (with a warning)."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
@@ -45,17 +46,18 @@ def test_config_file_then_flags_override(tmp_path: Path) -> None:
     s = settings_for(["--config", str(cfg), "--iptables-min-sync-period", "500ms"])
     assert s.node_name == "node-a"
     assert s.cluster_cidr == ("10.244.0.0/16", "fd00:10:244::/56")
-    assert (s.masquerade_bit, s.sync_period, s.min_sync_period) == (12, 10.0, 0.5)
+    assert (s.masquerade_bit, s.sync_period, s.min_sync_period) == (12, 10.0, 2.0)
+    assert any("--iptables-min-sync-period" in w for w in s.warnings)
 
 
 @pytest.mark.parametrize(
     ("body", "names"),
     [
-        ("mode: ipvs\n", "mode"),
+        ("mode: bogus\n", "mode"),
         ("iptables:\n  masqueradeBit: 40\n", "iptables.masqueradeBit"),
         ("clusterCIDR: 10.0.0.0/33\n", "clusterCIDR"),
         ("healthzBindAddress: nowhere\n", "healthzBindAddress"),
-        ("surprise: 1\n", "surprise"),
+        ("iptables:\n  syncPeriod: 5\n  minSyncPeriod: 9\n", "--iptables-min-sync-period"),
     ],
 )
 def test_bad_config_values_are_refused_naming_the_field(tmp_path: Path, body: str, names: str) -> None:
