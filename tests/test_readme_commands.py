@@ -62,6 +62,17 @@ RULES: tuple[Rule, ...] = (
         "a fragment in prose, not a whole command line",
     ),
     Rule(r"kproxy run --help$", "run"),
+    Rule(r"kproxy --version$", "run"),
+    Rule(
+        r"kproxy --config=/var/lib/kube-proxy/",
+        "skip",
+        "kubeadm's DaemonSet command line: needs the pod's mounts",
+    ),
+    Rule(
+        r"kproxy run --write-config-to=FILE$",
+        "skip",
+        "a placeholder path; tests/test_kubeadm_config.py writes and reloads it",
+    ),
     Rule(r"kproxy run --manifests manifests/examples/ ", "agent"),
     Rule(r"kproxy run --kubeconfig ", "skip", "needs a cluster's API server"),
     Rule(
