@@ -33,8 +33,9 @@ def file_error(path: str, reason: str) -> ObjectError:
 
 
 def file_format(path: str) -> str:
-    """How a file is parsed: a `.json` file by the JSON parser alone (its errors say JSON)."""
-    return "json" if path.endswith(".json") else "yaml" if path.endswith((".yaml", ".yml")) else ""
+    """How a file is parsed: a `.json` file by the JSON parser alone (its errors say JSON); any other
+    as JSON when it opens as JSON does and parses as such, else as YAML."""
+    return "json" if path.endswith(".json") else ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1151,8 +1151,9 @@ def parse_stream(
 ) -> tuple[list[Parsed], list[ObjectError]]:
     """Every object in a YAML or JSON text (multi-document, `kind: List`, typed lists).
 
-    `fmt` is "json" for a text that must be JSON (a `.json` file: read by the JSON parser
-    alone, its errors say JSON), "yaml" for YAML, "" to tell by the first character.
+    `fmt` is "json" for a `.json` file: when it opens as JSON does it is read by the JSON
+    parser alone and its errors say JSON (a YAML text in a .json file is read as the YAML it
+    is, as kubectl would). "yaml" is YAML only, "" tells by the first character.
     Errors are collected, never raised: one bad object or document does not hide the rest.
     Each object's source is `source:LINE` (the line its document starts on); items of a
     list get `items[N].` before the field. Ignored fields of kept objects go to `warnings`.
@@ -1167,7 +1168,8 @@ def _parse_stream(
     objs: list[Parsed] = []
     errors: list[ObjectError] = []
     values: list[Any] | None
-    if fmt == "json":
+    head = text.lstrip(" \t\r\n\ufeff")[:1]
+    if fmt == "json" and head in ("{", "["):
         try:
             values = _json_values_strict(text)
         except _JsonFailure as e:
@@ -1175,8 +1177,7 @@ def _parse_stream(
             errors.append(ObjectError(ObjectRef("Document", "", "0"), "", f"JSON: {e.reason}", where))
             return objs, errors
     else:
-        head = text.lstrip()
-        values = _json_values(text) if fmt != "yaml" and head[:1] in ("{", "[") else None
+        values = _json_values(text) if fmt != "yaml" and head in ("{", "[") else None
     if values is not None:
         where = f"{source}:1" if source else "line 1"
         for index, v in enumerate(values):
