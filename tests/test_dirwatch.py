@@ -101,8 +101,8 @@ def test_a_file_that_fails_to_parse_keeps_its_objects_with_one_error(lab: Lab, e
     assert lab.services() == {"demo/web", "demo/api"}, "the broken file's service is still served"
     assert lab.endpoints("web") == ["10.244.0.5", "10.244.1.6"]
     (err,) = named(events, "manifest_file_not_loaded")
-    assert err["level"] == "ERROR" and err["file"] == str(web) and err["reason"].startswith(f"{web}:")
-    assert "YAML" in err["reason"] and err["kept"] == 2
+    assert err["level"] == "ERROR" and err["file"] == str(web) and err["at"].startswith(f"{web}:")
+    assert err["reason"].startswith("YAML: ") and err["kept"] == 2
     assert lab.md.files_in_error == 1
     write(web, service(), endpoint_slice(endpoints=[]))
     lab.poll()

@@ -150,7 +150,10 @@ class ManifestDirectory:
         broken = [e for e in errors if is_document_error(e)]
         if broken:
             partial = list(objs) if not before.objects and not before.stamp[1] else None
-            return self._failed(entry.path, before, stamp, str(broken[0]), warn=False, objects=partial)
+            first = broken[0]
+            return self._failed(
+                entry.path, before, stamp, first.reason, warn=False, objects=partial, where=first.source
+            )
         bad = {(e.ref.kind, e.ref.namespace, e.ref.name) for e in errors}
         kept = [o for o in before.objects if _identity(o) in bad]
         kept_ids = {_identity(o) for o in kept}
@@ -187,18 +190,26 @@ class ManifestDirectory:
         *,
         warn: bool,
         objects: list[KObject] | None = None,
+        where: str = "",
     ) -> bool:
         """The file's new content is unusable: keep serving what it held, say so once."""
-        if reason != before.error:
-            fields = {
-                "file": path,
-                "reason": reason,
-                "kept": len(before.objects) if objects is None else len(objects),
-                "action": "serving its last good objects until it is fixed",
-            }
+        error = f"{where}: {reason}" if where else reason
+        if error != before.error:
+            kept = len(before.objects) if objects is None else len(objects)
+            fields: dict[str, object] = {"file": path}
+            if where:
+                fields["at"] = where
+            fields["reason"] = reason
+            fields["kept"] = kept
+            if objects is not None:
+                fields["action"] = "serving the objects that did parse (nothing was served from it before)"
+            elif kept:
+                fields["action"] = "serving its last good objects until it is fixed"
+            else:
+                fields["action"] = "skipped"
             (log.warn if warn else log.error)("manifest_file_not_loaded", **fields)
         self.files[path] = _File(
-            stamp, before.objects if objects is None else objects, reason, before.reported
+            stamp, before.objects if objects is None else objects, error, before.reported
         )
         return objects is not None and bool(objects)
 
