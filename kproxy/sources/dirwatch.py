@@ -234,13 +234,6 @@ class ManifestDirectory:
         return changed
 
 
-def load_directory(path: str, sink: Sink) -> int:
-    """Read the directory once and hand every kind to the sink as a full list."""
-    d = ManifestDirectory(path)
-    d.poll()
-    return d.apply(sink) if d.listed else 0
-
-
 async def off_loop(fn: Callable[[], T]) -> T:
     """fn() in a daemon thread: awaiting it can be cancelled, and a hung call never holds up exit."""
     loop = asyncio.get_running_loop()
