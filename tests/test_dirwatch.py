@@ -274,3 +274,30 @@ def test_watch_directory_reports_files_in_error(tmp_path: Path) -> None:
     assert seen and seen[-1] == 1 and tracker.ready
     assert {str(k) for k in tracker.services} == {"demo/web"}
     shutil.rmtree(d)
+
+
+def test_a_single_manifest_file_is_served_too(tmp_path: Path) -> None:
+    one = write(tmp_path / "all.yaml", service())
+    tracker = ChangeTracker(node_name="node-a", wait_for=frozenset({"Service"}))
+    md = ManifestDirectory(str(one))
+    assert md.poll() and md.apply(tracker) == 1
+    assert {str(k) for k in tracker.services} == {"demo/web"}
+
+
+def test_dry_run_reads_a_pipe_it_was_named_explicitly(tmp_path: Path) -> None:
+    """`dry-run -f <(kubectl get ...)`: a pipe the user names is read as asked (only a pipe met in a
+    directory is skipped)."""
+    from kproxy.sources.files import load_paths
+
+    pipe = tmp_path / "in.yaml"
+    os.mkfifo(pipe)
+
+    def writer() -> None:
+        with open(pipe, "w") as fh:
+            fh.write(json.dumps(service()))
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    objs, errs = load_paths([str(pipe)])
+    t.join(10)
+    assert errs == [] and [type(o).__name__ for o in objs] == ["Service"]

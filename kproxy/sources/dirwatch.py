@@ -33,7 +33,7 @@ from typing import Protocol, TypeVar
 
 from kproxy import log
 from kproxy.errors import ObjectError
-from kproxy.sources.files import Entry, ReadError, file_format, read_manifest, scan
+from kproxy.sources.files import Entry, ReadError, file_format, read_manifest, scan_path
 from kproxy.state.model import EndpointSlice, Node, Service
 from kproxy.state.parse import is_document_error, parse_stream
 
@@ -105,7 +105,7 @@ class ManifestDirectory:
         Blocking (stat, read, parse): run it off the event loop.
         """
         try:
-            entries = scan(self.path)
+            entries = scan_path(self.path)
         except OSError as e:
             reason = e.strerror or type(e).__name__
             if reason != self.unreadable:

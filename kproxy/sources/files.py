@@ -116,6 +116,14 @@ def scan(path: str, *, recursive: bool = False) -> list[Entry]:
     return found
 
 
+def scan_path(path: str) -> list[Entry]:
+    """`scan` for a directory; a single regular file (`--manifests FILE`) is its own one entry."""
+    st = os.stat(path)
+    if stat.S_ISREG(st.st_mode):
+        return [Entry(path, _stamp(st))]
+    return scan(path)
+
+
 def manifest_files(path: str, *, recursive: bool = False) -> list[str]:
     """The readable manifest files of a directory, sorted (what `scan` finds without a problem)."""
     try:
@@ -132,15 +140,23 @@ class ReadError(Exception):
         """The file changed while being read (a writer is at work): read it again, report nothing."""
 
 
-def read_manifest(path: str, limit: int = MAX_FILE_BYTES) -> tuple[str, tuple[int, int, int, int]]:
-    """A regular file's text and stamp; never blocks on a FIFO or device, never reads past `limit`."""
+def read_manifest(
+    path: str, limit: int = MAX_FILE_BYTES, *, named: bool = False
+) -> tuple[str, tuple[int, int, int, int]]:
+    """A regular file's text and stamp; never blocks on a FIFO or device, never reads past `limit`.
+
+    `named`: the user named this very path (`dry-run -f /dev/stdin`, a process substitution),
+    so a pipe is read as they asked, blocking until its writer is done.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | (0 if named else os.O_NONBLOCK)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        fd = os.open(path, flags)
     except OSError as e:
         raise ReadError(_why(e)) from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        regular = stat.S_ISREG(st.st_mode)
+        if not regular and not (named and stat.S_ISFIFO(st.st_mode)):
             raise ReadError(f"{_kind_of(st.st_mode)}, not read")
         if st.st_size > limit:
             raise ReadError(f"larger than {limit} bytes, not read")
@@ -156,7 +172,7 @@ def read_manifest(path: str, limit: int = MAX_FILE_BYTES) -> tuple[str, tuple[in
         raise ReadError(_why(e)) from None
     finally:
         os.close(fd)
-    if _stamp(after) != _stamp(st):
+    if regular and _stamp(after) != _stamp(st):
         raise ReadError("changed while being read", transient=True)
     data = b"".join(chunks)
     try:
@@ -180,12 +196,13 @@ def load_paths(
                 continue
         else:
             entries = [Entry(path)]
+        named = not os.path.isdir(path)
         for entry in entries:
             if entry.problem:
                 errors.append(file_error(entry.path, entry.problem))
                 continue
             try:
-                text, _ = read_manifest(entry.path)
+                text, _ = read_manifest(entry.path, named=named)
             except ReadError as e:
                 errors.append(file_error(entry.path, e.reason))
                 continue
