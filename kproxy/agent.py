@@ -19,7 +19,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -71,6 +71,16 @@ class Backend(Protocol):
     ) -> SyncReport: ...
 
     async def close(self) -> None: ...
+
+
+NAMED_IN_LOGS = 5
+
+
+def name_some(keys: Iterable[object], limit: int = NAMED_IN_LOGS) -> str:
+    """`a/x,b/y,c/z` for a log line: the first few in order, then how many more."""
+    names = sorted(map(str, keys))
+    shown = ",".join(names[:limit])
+    return f"{shown},+{len(names) - limit} more" if len(names) > limit else shown
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -213,20 +223,28 @@ class NodeAgent:
                 "synced",
                 first=first,
                 services_changed=len(pending.services),
+                services=name_some(pending.services),
+                node_changed=pending.node_changed,
                 seconds=f"{time.perf_counter() - started:.3f}",
             )
         return True
 
     def _after_family_sync(
-        self, family: Family, report: SyncReport, seconds: float, started: float, triggers: tuple[float, ...]
+        self,
+        family: Family,
+        report: SyncReport,
+        seconds: float,
+        started: float,
+        triggers: tuple[tuple[Family, float], ...],
     ) -> None:
         self.health.updated(family, started=started)
         self.metrics.synced(family)
         self.metrics.observe_sync(family, seconds, full=report.full)
         internal, external = self.no_local.counts(family)
         self.metrics.set_no_local_endpoints(family, internal=internal, external=external)
-        if triggers:
-            self.metrics.observe_network_programming(family, triggers, time.time())
+        mine = [t for f, t in triggers if f == family]
+        if mine:
+            self.metrics.observe_network_programming(family, mine, time.time())
         if report.rules:
             for table, total in report.rules.items():
                 self.metrics.set_rules(
@@ -272,7 +290,7 @@ class NodeAgent:
             "agent_started",
             node=s.node_name,
             mode=self.backend.mode,
-            families=",".join(map(str, self.families)),
+            families=",".join(f"IPv{f}" for f in self.families),
         )
         stop = asyncio.create_task(self._stopping.wait())
         done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -313,7 +331,12 @@ class NodeAgent:
 
     async def _run_source(self) -> None:
         if self.settings.manifests:
-            await watch_directory(self.settings.manifests, self.tracker, self.changed)
+            await watch_directory(
+                self.settings.manifests,
+                self.tracker,
+                self.changed,
+                report=self.metrics.manifest_files_in_error.set,
+            )
             return
         from kproxy.sources.apiwatch import ApiSource, WatchConfig, make_api_client
 

@@ -38,8 +38,8 @@ class PendingChanges:
     node_changed: bool
     service_changes: int
     endpoint_changes: int
-    trigger_times: tuple[float, ...]
-    """Trigger times of the EndpointSlices changed, for network-programming latency."""
+    trigger_times: tuple[tuple[Family, float], ...]
+    """(family, trigger time) of the EndpointSlices changed, for network-programming latency."""
     first_queued: float | None
     """time.monotonic() of the oldest change in the batch."""
 
@@ -72,7 +72,9 @@ class ChangeTracker:
     _node_dirty: bool = False
     _service_changes: int = 0
     _endpoint_changes: int = 0
-    _trigger_times: list[float] = field(default_factory=list)
+    _trigger_times: list[tuple[Family, float]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    """Trigger times before this are not ours to measure (kube-proxy's trackerStartTime)."""
     _first_queued: float | None = None
     service_changes_total: int = 0
     endpoint_changes_total: int = 0
@@ -107,8 +109,8 @@ class ChangeTracker:
             return False
         bucket[slot] = obj
         self._slice_owner[owner_key] = key
-        if obj.trigger_time is not None:
-            self._trigger_times.append(obj.trigger_time)
+        if obj.trigger_time is not None and obj.trigger_time > self.started:
+            self._trigger_times.append((6 if obj.address_type == "IPv6" else 4, obj.trigger_time))
         self._mark(key, service=False)
         return True
 

@@ -24,7 +24,7 @@ import yaml
 
 from kproxy.backends.iptables.render import render_snapshot
 from kproxy.config import RenderConfig, render_config
-from kproxy.errors import ConfigError, KproxyError, StartupError
+from kproxy.errors import ConfigError, KproxyError, ObjectError, StartupError
 from kproxy.explain import explain
 from kproxy.settings import Settings, add_run_arguments, effective_config, from_args
 from kproxy.sources.files import load_paths
@@ -326,13 +326,16 @@ def cmd_dry_run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
         _warn(err, f"{missing[0]}: no such file or directory")
         return 1
     paths, stdin_file = _with_stdin(args.paths)
+    ignored: list[ObjectError] = []
     try:
-        objs, errors = load_paths(paths)
+        objs, errors = load_paths(paths, warnings=ignored)
     finally:
         if stdin_file:
             os.unlink(stdin_file)
     for e in errors:
         _warn(err, f"skipped {e}")
+    for w in ignored:
+        _warn(err, f"warning: {w}")
     if not objs and not errors:
         _warn(err, f"no manifests found in {', '.join(args.paths)} (expected .yaml, .yml or .json files)")
         return 1

@@ -189,7 +189,13 @@ class Metrics:
         self._kproxy_metrics(r)
 
     def _kproxy_metrics(self, registry: CollectorRegistry) -> None:
-        """Metrics kube-proxy does not have (prefix kproxy_); none yet."""
+        """Metrics kube-proxy does not have (prefix kproxy_)."""
+        self.manifest_files_in_error = Gauge(
+            "kproxy_manifest_files_in_error",
+            "Manifest files (--manifests) whose latest content could not be read or parsed; "
+            "their last good objects are still served",
+            registry=registry,
+        )
 
     # ------------------------------------------------------------ agent API
 
@@ -227,12 +233,13 @@ class Metrics:
     def observe_network_programming(self, family: Family, trigger_times: Iterable[float], now: float) -> None:
         """Trigger times (EndpointSlice last-change-trigger-time annotations, Unix seconds) just programmed.
 
-        A trigger time in the future (clock skew between node and control plane) counts as 0 s
-        rather than a negative observation, which would make the histogram's sum go backwards.
+        A trigger time in the future (clock skew between node and control plane) is not a
+        latency anyone had: it is left out rather than observed as 0 s or less.
         """
         h = self._h["network_programming"].labels(FAMILY_NAMES[family])
         for t in trigger_times:
-            h.observe(max(0.0, now - t))
+            if t <= now:
+                h.observe(now - t)
 
     def count_changes(self, *, services: int = 0, endpoints: int = 0) -> None:
         if services:

@@ -92,3 +92,44 @@ def test_node_change_rebuilds_render_config() -> None:
     a.tracker.upsert(replace(Node(name="node-a"), labels=(("topology.kubernetes.io/zone", "z9"),)))
     run(a._sync())
     assert a._cfgs[4].node_zone == "z9"
+
+
+def _latency_count(a: NodeAgent, family: str) -> float:
+    value = a.metrics.registry.get_sample_value(
+        "kubeproxy_network_programming_duration_seconds_count", {"ip_family": family}
+    )
+    return 0.0 if value is None else value
+
+
+def test_network_programming_latency_counts_plausible_triggers_under_their_family() -> None:
+    """Upstream's rules: a trigger time from before the agent started (the bundled example's
+    years-old annotation) or from the future is no latency anyone had; an IPv4 slice's change
+    is observed under IPv4 only, even on a dual-stack node."""
+    import time
+
+    settings = Settings(node_name="node-a", families=(4, 6), healthz_bind_address="", metrics_bind_address="")
+    a = NodeAgent(settings, Recorder())
+    a.tracker.replace("Service", [svc("web")])
+    a.tracker.replace("EndpointSlice", [])
+    a.tracker.replace("Node", [])
+    run(a._sync())
+    now = time.time()
+    a.tracker.upsert(replace(eps("web", ("10.244.0.5",), name="old"), trigger_time=now - 8.15e7))
+    a.tracker.upsert(replace(eps("web", ("10.244.0.6",), name="future"), trigger_time=now + 3600))
+    a.tracker.upsert(
+        replace(eps("web", ("10.244.0.7",), name="fresh"), trigger_time=a.tracker.started + 0.001)
+    )
+    run(a._sync())
+    assert (_latency_count(a, "IPv4"), _latency_count(a, "IPv6")) == (1.0, 0.0)
+    total = a.metrics.registry.get_sample_value(
+        "kubeproxy_network_programming_duration_seconds_sum", {"ip_family": "IPv4"}
+    )
+    assert total is not None and 0 <= total < 8e7
+
+
+def test_sync_log_line_names_the_services_it_changed() -> None:
+    from kproxy.agent import name_some
+
+    assert name_some([]) == ""
+    assert name_some(["b/x", "a/y"]) == "a/y,b/x"
+    assert name_some([f"ns/s{i}" for i in range(8)]) == "ns/s0,ns/s1,ns/s2,ns/s3,ns/s4,+3 more"

@@ -533,3 +533,28 @@ def test_mirror_reports_only_real_changes() -> None:
         ("b", False, True),
     ]
     assert [o.name for o in m.objects()] == ["b"]
+
+
+def test_an_ignored_field_is_warned_once_per_version_and_the_service_kept(
+    api: ApiServerStandIn, records: list[logging.LogRecord]
+) -> None:
+    """Issue 10.3/10.4: an implausible kproxy annotation leaves the Service in place (round robin)
+    with one warning; a relist (410 Gone after compaction) of the same version repeats none."""
+    odd = service("odd")
+    odd["metadata"]["annotations"] = {"kproxy.io/lb-algorithm": "léast-connections"}
+    api.create(odd)
+
+    async def main() -> None:
+        async with Harness(api) as h:
+            await h.synced()
+            assert set(h.mirror.get("services")) == {svc_ref("odd")}
+            api.stop()
+            api.create(service("other"))
+            api.compact()
+            api.start()
+            await h.until(h.converged, "convergence after 410")
+            assert h.source.stats()["services"].lists == 2
+
+    run(main())
+    warned = [r.getMessage() for r in records if "event=field_ignored" in r.getMessage()]
+    assert len(warned) == 1 and "default/odd" in warned[0] and "kproxy.io/lb-algorithm" in warned[0], warned

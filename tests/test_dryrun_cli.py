@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -201,3 +202,23 @@ def test_example_payload_accepted_by_kernel(
         ).stdout
         for (_, chain), _rules in chains_of_payload(out).items():
             assert f":{chain} " in saved
+
+
+def test_ignored_fields_are_warned_about_and_the_service_still_renders(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Issue 10.3: a loopback external IP and an implausible kproxy annotation are left out with a
+    warning naming the object and field; the Service renders, and --strict does not fail on it."""
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "odd", "namespace": "demo", "annotations": {"kproxy.io/lb-algorithm": 7}},
+        "spec": {"clusterIP": "10.96.9.9", "externalIPs": ["127.0.0.1"], "ports": [{"port": 80}]},
+    }
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(svc))
+    rc, out, err = dry_run(capsys, "-f", str(path), *NODE, *CIDRS, "--strict")
+    assert rc == 0
+    assert "-d 10.96.9.9/32" in out and "127.0.0.1" not in out
+    assert f"warning: {path}:1: Service demo/odd: spec.externalIPs[0]: 127.0.0.1 is ignored" in err
+    assert "metadata.annotations[kproxy.io/lb-algorithm]: must be a string" in err

@@ -117,8 +117,8 @@ def test_every_kube_proxy_metric_is_exposed_with_its_type_and_labels(busy_metric
         for s in _samples(fams[name]):
             assert set(s.labels) - {"le"} == labels, f"{s.name} labels {sorted(s.labels)}"
     assert "_created" not in text, "kube-proxy exposes no _created series"
-    others = [n for n in fams if not n.startswith(("kubeproxy_", "process_", "python_"))]
-    assert not others, "only kube-proxy's names and the standard collectors in this registry"
+    others = [n for n in fams if not n.startswith(("kubeproxy_", "kproxy_", "process_", "python_"))]
+    assert not others, "only kube-proxy's names, our own and the standard collectors in this registry"
 
 
 def test_counter_sample_names_are_exact(busy_metrics: Metrics) -> None:

@@ -602,12 +602,6 @@ ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
     ("api-version", at(service(), "apiVersion", "v2"), "apiVersion", "not supported"),
     ("metadata-missing", at(service(), "metadata", DELETE), "metadata", "required"),
     (
-        "lb-algorithm-unprintable",
-        at(service(), "metadata.annotations", {"kproxy.io/lb-algorithm": "rr\n-A X"}),
-        "metadata.annotations[kproxy.io/lb-algorithm]",
-        "algorithm",
-    ),
-    (
         "slice-address-type-missing",
         at(endpoint_slice(), "addressType", DELETE),
         "addressType",
@@ -1042,3 +1036,197 @@ def test_recursive_load_survives_symlink_loops_and_skips_hidden(tmp_path: Path) 
 def test_yaml_document_forms_and_error_lines(text: str, line: int) -> None:
     _, errs = parse_stream(text, "d.yaml")
     assert [(e.source, e.field) for e in errs] == [(f"d.yaml:{line}", "metadata.name")]
+
+
+# ------------------------------------------------------------------ ignored fields (issue 10.3)
+
+LB = "kproxy.io/lb-algorithm"
+LB_FIELD = f"metadata.annotations[{LB}]"
+
+IGNORED: list[tuple[str, dict[str, Any], str, str, str, Any]] = [
+    # (id, object, warned field, words, attribute kept, its value)
+    (
+        "lb-non-ascii",
+        at(service(), "metadata.annotations", {LB: "léast-connections"}),
+        LB_FIELD,
+        "plausible",
+        "lb_algorithm",
+        "",
+    ),
+    (
+        "lb-too-long",
+        at(service(), "metadata.annotations", {LB: "x" * 64}),
+        LB_FIELD,
+        "plausible",
+        "lb_algorithm",
+        "",
+    ),
+    (
+        "lb-not-a-string",
+        at(service(), "metadata.annotations", {LB: 7}),
+        LB_FIELD,
+        "must be a string",
+        "lb_algorithm",
+        "",
+    ),
+    (
+        "lb-unprintable",
+        at(service(), "metadata.annotations", {LB: "rr\n-A X"}),
+        LB_FIELD,
+        "plausible",
+        "lb_algorithm",
+        "",
+    ),
+    (
+        "external-ip-loopback",
+        at(service(), "spec.externalIPs", ["127.0.0.1", "192.168.50.100"]),
+        "spec.externalIPs[0]",
+        "loopback",
+        "external_ips",
+        ("192.168.50.100",),
+    ),
+    (
+        "external-ip-v6-loopback",
+        at(service(), "spec.externalIPs", ["::1"]),
+        "spec.externalIPs[0]",
+        "loopback",
+        "external_ips",
+        (),
+    ),
+    (
+        "external-ip-link-local",
+        at(service(), "spec.externalIPs", ["192.168.50.100", "169.254.169.254"]),
+        "spec.externalIPs[1]",
+        "link-local",
+        "external_ips",
+        ("192.168.50.100",),
+    ),
+    (
+        "external-ip-v6-link-local",
+        at(service(), "spec.externalIPs", ["febf::1"]),
+        "spec.externalIPs[0]",
+        "link-local",
+        "external_ips",
+        (),
+    ),
+    (
+        "external-ip-link-local-multicast",
+        at(service(), "spec.externalIPs", ["224.0.0.251"]),
+        "spec.externalIPs[0]",
+        "multicast",
+        "external_ips",
+        (),
+    ),
+    (
+        "external-ip-v6-link-local-multicast",
+        at(service(), "spec.externalIPs", ["ff02::fb"]),
+        "spec.externalIPs[0]",
+        "multicast",
+        "external_ips",
+        (),
+    ),
+    (
+        "endpoint-loopback",
+        endpoint_slice(endpoints=[endpoint("127.0.0.1"), endpoint("10.244.0.5")]),
+        "endpoints[0].addresses[0]",
+        "loopback",
+        "endpoints[0].address",
+        "10.244.0.5",
+    ),
+    (
+        "endpoint-link-local",
+        endpoint_slice(endpoints=[endpoint("10.244.0.5"), endpoint("169.254.1.1")]),
+        "endpoints[1].addresses[0]",
+        "link-local",
+        "endpoints[0].address",
+        "10.244.0.5",
+    ),
+    (
+        "endpoint-v6-loopback",
+        endpoint_slice(address_type="IPv6", endpoints=[endpoint("::1"), endpoint("fd00::5")]),
+        "endpoints[0].addresses[0]",
+        "loopback",
+        "endpoints[0].address",
+        "fd00::5",
+    ),
+]
+
+
+def _attr(obj: Any, path: str) -> Any:
+    for part in path.replace("]", "").replace("[", ".").split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("obj", "field", "words", "attr", "value"), [c[1:] for c in IGNORED], ids=[c[0] for c in IGNORED]
+)
+def test_bad_field_is_ignored_alone_with_a_warning_and_the_object_kept(
+    obj: dict[str, Any], field: str, words: str, attr: str, value: Any
+) -> None:
+    warnings: list[ObjectError] = []
+    (got,) = parse_object_all(obj, SRC, warnings=warnings)
+    assert _attr(got, attr) == value
+    assert [(w.field, w.source, w.ref.kind) for w in warnings] == [(field, SRC, obj["kind"])]
+    assert words in warnings[0].reason
+    assert str(warnings[0]).startswith(f"{SRC}: {obj['kind']} demo/")
+
+
+def test_special_endpoint_of_a_legacy_endpoints_is_left_out_alone() -> None:
+    obj = legacy_endpoints(
+        subsets=[{"addresses": [{"ip": "127.0.0.1"}, {"ip": "10.244.0.5"}], "ports": [{"port": 8080}]}]
+    )
+    warnings: list[ObjectError] = []
+    (got,) = parse_object_all(obj, SRC, warnings=warnings)
+    assert isinstance(got, EndpointSlice) and [e.address for e in got.endpoints] == ["10.244.0.5"]
+    assert [w.field for w in warnings] == ["subsets[0].addresses[0].ip"]
+
+
+def test_addresses_upstream_allows_still_parse() -> None:
+    """Only what ValidateNonSpecialIP refuses is left out: other multicast or 255.255.255.255 is upstream's to allow."""
+    warnings: list[ObjectError] = []
+    svc = parse_object_all(
+        at(service(), "spec.externalIPs", ["239.1.1.1", "fec0::1"]), SRC, warnings=warnings
+    )
+    assert isinstance(svc[0], Service) and svc[0].external_ips == ("239.1.1.1", "fec0::1") and warnings == []
+
+
+def test_warnings_of_a_stream_name_list_items() -> None:
+    doc = {"kind": "List", "items": [at(service(), "spec.externalIPs", ["127.0.0.2"])]}
+    warnings: list[ObjectError] = []
+    objs, errs = parse_stream(json.dumps(doc), "list.json", fmt="json", warnings=warnings)
+    assert len(objs) == 1 and errs == []
+    assert [w.field for w in warnings] == ["items[0].spec.externalIPs[0]"]
+
+
+# ------------------------------------------------------------------ formats (issue 10.3)
+
+
+def test_json_file_error_says_json_with_line_and_column() -> None:
+    _, errs = parse_stream('{\n  "kind": "Service",\n  "metadata": {,}\n}\n', "svc.json", fmt="json")
+    assert len(errs) == 1
+    assert errs[0].reason.startswith("JSON: Expecting property name") and "line 3" in errs[0].reason
+    assert errs[0].source == "svc.json:3"
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_a_5000_digit_port_is_an_out_of_range_field_not_a_parser_crash(fmt: str) -> None:
+    text = json.dumps(service()).replace('"port": 80,', '"port": ' + "9" * 5000 + ",")
+    objs, errs = parse_stream(text, f"svc.{fmt}", fmt=fmt)
+    assert objs == []
+    assert [(e.ref.name, e.field) for e in errs] == [("web", "spec.ports[0].port")]
+    assert "5000-digit number is out of range 1..65535" in errs[0].reason
+
+
+def test_json_nested_1000_deep_in_an_annotation_keeps_the_service() -> None:
+    text = json.dumps(at(service(), "metadata.annotations", {"example.com/deep": "DEEP"}))
+    text = text.replace('"DEEP"', "[" * 1000 + "]" * 1000)
+    objs, errs = parse_stream(text, "svc.json", fmt="json")
+    assert errs == [] and [type(o).__name__ for o in objs] == ["Service"]
+
+
+def test_json_nested_past_the_api_servers_limit_is_one_clear_error() -> None:
+    text = '{"kind": "Service", "x": ' + "[" * 20_000 + "]" * 20_000 + "}"
+    objs, errs = parse_stream(text, "deep.json", fmt="json")
+    assert objs == [] and len(errs) == 1
+    assert errs[0].reason == "JSON: nested more than 10000 levels deep"

@@ -45,7 +45,13 @@ EventKind = Literal["listed", "upsert", "delete"]
 PROXY_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
 """kube-proxy's selector: services another proxy owns, and headless ones, never reach us."""
 
-Decoder = Callable[[Mapping[str, Any], str], tuple[Parsed, ...]]
+
+class Decoder(Protocol):
+    """parse_object_all's shape: an API object to kproxy objects, ignored fields into `warnings`."""
+
+    def __call__(
+        self, obj: Mapping[str, Any], source: str = "", *, warnings: list[ObjectError] | None = None
+    ) -> tuple[Parsed, ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +293,7 @@ class _Watcher:
         self._emit = emit
         self._decode = decode
         self._stopping = stopping
+        self._reported: dict[ObjectRef, str] = {}
         self._rv: str | None = None
         self._known: set[ObjectRef] = set()
         self._listed_once = False
@@ -430,15 +437,32 @@ class _Watcher:
             log.warn("object_skipped", resource=self.spec.resource, field="metadata.name", reason="missing")
             return None, ()
         ref = ObjectRef(self.spec.kind, str(meta.get("namespace") or ""), str(meta["name"]))
+        ignored: list[ObjectError] = []
         try:
-            return ref, self._decode(obj, "api")
+            got = self._decode(obj, "api", warnings=ignored)
         except ObjectError as e:
             self.stats.skipped += 1
-            log.warn("object_skipped", object=str(e.ref), field=e.field, reason=e.reason)
+            if self._first_report(ref, meta):
+                log.warn("object_skipped", object=str(e.ref), field=e.field, reason=e.reason)
         except Exception as e:  # a parser bug must not take the source down
             self.stats.skipped += 1
             log.error("object_skipped", object=str(ref), field="?", reason=_describe(e))
+        else:
+            if not ignored:
+                self._reported.pop(ref, None)
+            elif self._first_report(ref, meta):
+                for w in ignored:
+                    log.warn("field_ignored", object=str(w.ref), field=w.field, reason=w.reason)
+            return ref, got
         return ref, ()
+
+    def _first_report(self, ref: ObjectRef, meta: dict[str, Any]) -> bool:
+        """Once per version of an object: a relist or resync of the same bad object says nothing new."""
+        rv = str(meta.get("resourceVersion") or "")
+        if rv and self._reported.get(ref) == rv:
+            return False
+        self._reported[ref] = rv
+        return True
 
     # -- watch
 

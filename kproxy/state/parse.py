@@ -23,8 +23,10 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import json
+import math
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn, TypeVar
@@ -46,6 +48,11 @@ from kproxy.state.model import (
 )
 
 Parsed = Service | EndpointSlice | Node
+
+MAX_JSON_DEPTH: Final = 10_000
+"""How deep JSON may nest, as Go's encoding/json (and so the API server) allows; deeper is an error."""
+MAX_NUMBER_DIGITS: Final = 100
+"""Integers longer than this are read as out of range, not converted (Python refuses past 4,300 digits)."""
 
 SERVICE_PROXY_NAME_LABEL: Final = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL: Final = "service.kubernetes.io/headless"
@@ -104,6 +111,34 @@ class _Invalid(Exception):
 
 def _fail(field: str, reason: str) -> NoReturn:
     raise _Invalid(field, reason)
+
+
+class _Notes(threading.local):
+    """Warnings of the object being parsed (a field ignored, the rest kept), per thread."""
+
+    found: list[tuple[str, str]] | None = None
+
+
+_notes = _Notes()
+
+
+def _warn(field: str, reason: str) -> None:
+    """One field is ignored and the object kept, as the API would refuse only that field's value."""
+    found = _notes.found
+    if found is not None:
+        found.append((field, reason))
+
+
+class _HugeNumber(float):
+    """An integer with more than MAX_NUMBER_DIGITS digits: kept as infinity so range checks refuse it."""
+
+    digits: int = 0
+
+
+def _huge(text: str) -> _HugeNumber:
+    n = _HugeNumber(-math.inf if text.startswith("-") else math.inf)
+    n.digits = len(text.lstrip("+-"))
+    return n
 
 
 def _tname(v: object) -> str:
@@ -166,6 +201,8 @@ def _bool(v: object, field: str, default: bool) -> bool:
 
 
 def _int(v: object, field: str, lo: int, hi: int) -> int:
+    if isinstance(v, _HugeNumber):
+        _fail(field, f"a {v.digits}-digit number is out of range {lo}..{hi}")
     if type(v) is not int:
         _fail(field, f"must be an integer, not {_tname(v)}")
     if not lo <= v <= hi:
@@ -281,6 +318,47 @@ def _normalise_ip(s: str) -> str | None:
     return _intern(str(a))
 
 
+_NON_SPECIAL_V6_LINK_LOCAL: Final = ("fe8", "fe9", "fea", "feb")
+
+
+def _special(address: str) -> str:
+    """Why the API server's ValidateNonSpecialIP refuses a canonical address ("" when it does not).
+
+    It guards endpoint addresses and external IPs: loopback and unspecified addresses make no
+    sense there, link-local ones belong to the node (a metadata service). Plain string tests
+    on the canonical text, as this runs for every endpoint of a relist.
+    """
+    if ":" not in address:
+        if address.startswith("127."):
+            return "may not be in the loopback range (127.0.0.0/8, ::1/128)"
+        if address.startswith("169.254."):
+            return "may not be in the link-local range (169.254.0.0/16, fe80::/10)"
+        if address.startswith("224.0.0."):
+            return "may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)"
+        return ""
+    if address == "::1":
+        return "may not be in the loopback range (127.0.0.0/8, ::1/128)"
+    head = address.split(":", 1)[0]
+    if len(head) == 4 and head.startswith(_NON_SPECIAL_V6_LINK_LOCAL):
+        return "may not be in the link-local range (169.254.0.0/16, fe80::/10)"
+    if len(head) == 4 and head.startswith("ff") and head[3] == "2":
+        return "may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)"
+    return ""
+
+
+def _non_special_ips(items: Sequence[Any], field: str) -> tuple[str, ...]:
+    """Addresses of a list field; a special one is left out alone, with a warning naming it."""
+    out: list[str] = []
+    for i, v in enumerate(items):
+        ip = _ip(v, f"{field}[{i}]")
+        why = _special(ip)
+        if why:
+            _warn(f"{field}[{i}]", f"{ip} is ignored: {why}")
+            continue
+        out.append(ip)
+    return tuple(out)
+
+
 def _cidr(v: object, field: str) -> str:
     """A CIDR, whitespace-trimmed and with host bits cleared: kube-proxy tolerates both (Go's ParseCIDR masks)."""
     if type(v) is not str:
@@ -379,7 +457,7 @@ def _service(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> Service | None:
         return None
     ns, name = _names(meta, namespaced=True, service_name=True)
 
-    external_ips = tuple(_each(_list(spec.get("externalIPs"), "spec.externalIPs"), "spec.externalIPs", _ip))
+    external_ips = _non_special_ips(_list(spec.get("externalIPs"), "spec.externalIPs"), "spec.externalIPs")
     externally_reachable = svc_type != "ClusterIP" or bool(external_ips)
     lb_ips: tuple[str, ...] = ()
     ranges: tuple[str, ...] = ()
@@ -420,12 +498,21 @@ def _service(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> Service | None:
 
 
 def _lb_algorithm(meta: Mapping[str, Any]) -> str:
-    """Passed through even when unknown (userspace mode logs it and falls back); only unprintable text is refused."""
+    """kproxy's own annotation: a plausible name passes through (userspace mode logs an unknown one and
+    falls back); an implausible one is ignored with a warning, as kube-proxy ignores annotations it
+    does not know, so the Service still renders with round robin."""
     annotations = _map(meta.get("annotations"), "metadata.annotations")
     field = f"metadata.annotations[{LB_ALGORITHM_ANNOTATION}]"
-    v = _str(annotations.get(LB_ALGORITHM_ANNOTATION), field).strip()
+    raw = annotations.get(LB_ALGORITHM_ANNOTATION)
+    if raw is None:
+        return ""
+    if type(raw) is not str:
+        _warn(field, f"must be a string, not {_tname(raw)}; ignored, using round robin")
+        return ""
+    v = raw.strip()
     if len(v) > 63 or not (v.isascii() and v.isprintable()):
-        _fail(field, f"{_show(v)} is not a plausible algorithm name")
+        _warn(field, f"{_show(v)} is not a plausible algorithm name; ignored, using round robin")
+        return ""
     return _intern(v)
 
 
@@ -589,6 +676,10 @@ def _endpoint_slice(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> Endpoint
         except _Invalid as e:
             raise e.within(f"endpoints[{i}]") from None
         if ep is not None:
+            why = _special(ep.address)
+            if why:
+                _warn(f"endpoints[{i}].addresses[0]", f"{ep.address} is ignored: {why}")
+                continue
             endpoints.append(ep)
 
     annotations = _map(meta.get("annotations"), "metadata.annotations")
@@ -695,7 +786,12 @@ def _endpoints(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[Endpoin
                 p for p in _each(_list(sub.get("ports"), "ports"), "ports", _legacy_port) if p is not None
             ]
             by_family: dict[AddressType, list[SliceEndpoint]] = {}
-            for ep in _each(_list(sub.get("addresses"), "addresses"), "addresses", _legacy_address):
+            addresses = _each(_list(sub.get("addresses"), "addresses"), "addresses", _legacy_address)
+            for a, ep in enumerate(addresses):
+                why = _special(ep.address)
+                if why:
+                    _warn(f"subsets[{s}].addresses[{a}].ip", f"{ep.address} is ignored: {why}")
+                    continue
                 by_family.setdefault("IPv6" if ":" in ep.address else "IPv4", []).append(ep)
         except _Invalid as e:
             raise e.within(f"subsets[{s}]") from None
@@ -796,11 +892,19 @@ _KINDS: Final[dict[str, tuple[tuple[str, ...], bool, _Reader]]] = {
 }
 
 
-def parse_object_all(obj: Mapping[str, Any], source: str = "", *, kind: str = "") -> tuple[Parsed, ...]:
+def parse_object_all(
+    obj: Mapping[str, Any],
+    source: str = "",
+    *,
+    kind: str = "",
+    warnings: list[ObjectError] | None = None,
+) -> tuple[Parsed, ...]:
     """Every kproxy object one API object yields (0 when ignored, several for a legacy Endpoints).
 
     `kind` supplies the kind for items of a typed list (ServiceList items carry none).
-    Raises ObjectError, and only ObjectError, for an unusable object.
+    Raises ObjectError, and only ObjectError, for an unusable object. A field ignored while the
+    object is kept (an implausible kproxy annotation, a special address) is appended to
+    `warnings`, naming the object and the field.
     """
     if not isinstance(obj, Mapping):
         raise ObjectError(
@@ -821,7 +925,18 @@ def parse_object_all(obj: Mapping[str, Any], source: str = "", *, kind: str = ""
             )
         if not isinstance(meta, Mapping):
             _fail("metadata", "is required and must be an object")
-        return reader(obj, meta)
+        if warnings is None:
+            return reader(obj, meta)
+        notes: list[tuple[str, str]] = []
+        _notes.found = notes
+        try:
+            got = reader(obj, meta)
+        finally:
+            _notes.found = None
+        if notes:
+            ref = _identity(k, meta, namespaced)
+            warnings.extend(ObjectError(ref, field, reason, source) for field, reason in notes)
+        return got
     except _Invalid as e:
         raise ObjectError(_identity(k, meta, namespaced), e.field, e.reason, source) from None
     except RecursionError:
@@ -850,7 +965,11 @@ def parse_object(obj: Mapping[str, Any], source: str = "") -> Parsed | None:
 
 
 def parse_many(
-    objs: Iterable[object], source: str = "", *, kind: str = ""
+    objs: Iterable[object],
+    source: str = "",
+    *,
+    kind: str = "",
+    warnings: list[ObjectError] | None = None,
 ) -> tuple[list[Parsed], list[ObjectError]]:
     """Every object of a batch (a relist, a typed list's items): errors collected, never raised.
 
@@ -860,7 +979,7 @@ def parse_many(
     errors: list[ObjectError] = []
     with gc_paused():
         for item in objs:
-            _collect_one(item, source, kind, "", out, errors)
+            _collect_one(item, source, kind, "", out, errors, warnings)
     return out, errors
 
 
@@ -899,21 +1018,115 @@ def _documents(text: str) -> Iterator[tuple[int, int, str]]:
             yield line, first, chunk
 
 
-def _json_values(text: str) -> list[Any] | None:
-    """Concatenated JSON values (`kubectl get -o json`, `-w` output), or None if this is not JSON."""
-    dec = json.JSONDecoder()
+_deep_lock = threading.Lock()
+_deep_users = 0
+_saved_limit = 0
+
+
+class _DeepRecursion:
+    """Room for JSON nested MAX_JSON_DEPTH deep: Python's json decoder recurses once per level.
+
+    The limit is process-wide, so it is raised by the first parse that needs it and put back
+    by the last one; parsing runs in worker threads, whose C stacks hold that depth easily.
+    """
+
+    def __enter__(self) -> None:
+        global _deep_users, _saved_limit
+        with _deep_lock:
+            if _deep_users == 0:
+                _saved_limit = sys.getrecursionlimit()
+                sys.setrecursionlimit(_saved_limit + MAX_JSON_DEPTH + 100)
+            _deep_users += 1
+
+    def __exit__(self, *_: object) -> None:
+        global _deep_users
+        with _deep_lock:
+            _deep_users -= 1
+            if _deep_users == 0:
+                sys.setrecursionlimit(_saved_limit)
+
+
+def _json_int(text: str) -> int | float:
+    return int(text) if len(text) <= MAX_NUMBER_DIGITS else _huge(text)
+
+
+_JSON: Final = json.JSONDecoder(parse_int=_json_int)
+
+
+def _json_depth(text: str, limit: int) -> bool:
+    """True when brackets nest deeper than `limit` outside strings (checked only after a failure)."""
+    depth = 0
+    in_str = esc = False
+    for c in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == "\\":
+                esc = True
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in "]}":
+            depth -= 1
+    return False
+
+
+class _JsonFailure(Exception):
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(line, reason)
+        self.line = line
+        self.reason = reason
+
+
+def _json_values_strict(text: str) -> list[Any]:
+    """Concatenated JSON values (`kubectl get -o json`, `-w` output); _JsonFailure says where and why not."""
     out: list[Any] = []
     i, n = 0, len(text)
-    while True:
-        while i < n and text[i] in " \t\r\n":
-            i += 1
-        if i >= n:
-            return out
-        try:
-            val, i = dec.raw_decode(text, i)
-        except (ValueError, RecursionError):
-            return None
-        out.append(val)
+    with _DeepRecursion():
+        while True:
+            while i < n and text[i] in " \t\r\n\ufeff":
+                i += 1
+            if i >= n:
+                return out
+            try:
+                val, i = _JSON.raw_decode(text, i)
+            except json.JSONDecodeError as e:
+                raise _JsonFailure(e.lineno, f"{e.msg} (line {e.lineno}, column {e.colno})") from None
+            except RecursionError:
+                line = text.count("\n", 0, i) + 1
+                raise _JsonFailure(line, f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+            except ValueError as e:
+                line = text.count("\n", 0, i) + 1
+                raise _JsonFailure(line, str(e).split(";")[0]) from None
+            out.append(val)
+
+
+def _json_values(text: str) -> list[Any] | None:
+    """JSON values, or None if this is not JSON (then the text is read as YAML, JSON's superset)."""
+    try:
+        return _json_values_strict(text)
+    except _JsonFailure:
+        return None
+
+
+class _Loader(_LOADER):  # type: ignore[misc]
+    """The YAML loader, with integers too long to be a port or a count read as out of range."""
+
+
+def _yaml_int(loader: Any, node: Any) -> int | float:
+    value = loader.construct_scalar(node)
+    digits = value.replace("_", "").lstrip("+-")
+    if len(digits) > MAX_NUMBER_DIGITS:
+        return _huge(value)
+    return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
 
 
 def _yaml_error(source: str, line: int, index: int, e: Exception) -> ObjectError:
@@ -921,50 +1134,80 @@ def _yaml_error(source: str, line: int, index: int, e: Exception) -> ObjectError
     at = line
     if mark is not None and isinstance(getattr(mark, "line", None), int):
         at = line + mark.line
-    problem = getattr(e, "problem", None) or type(e).__name__
+    problem = getattr(e, "problem", None) or (
+        "nested too deeply" if isinstance(e, RecursionError) else type(e).__name__
+    )
     where = f"{source}:{at}" if source else f"line {at}"
     return ObjectError(ObjectRef("Document", "", str(index)), "", f"YAML: {problem}", where)
 
 
-def parse_stream(text: str, source: str) -> tuple[list[Parsed], list[ObjectError]]:
+def is_document_error(e: ObjectError) -> bool:
+    """An error of the text itself (syntax, a document that is no object), not of one object in it."""
+    return e.ref.kind == "Document"
+
+
+def parse_stream(
+    text: str, source: str, *, fmt: str = "", warnings: list[ObjectError] | None = None
+) -> tuple[list[Parsed], list[ObjectError]]:
     """Every object in a YAML or JSON text (multi-document, `kind: List`, typed lists).
 
+    `fmt` is "json" for a `.json` file: when it opens as JSON does it is read by the JSON
+    parser alone and its errors say JSON (a YAML text in a .json file is read as the YAML it
+    is, as kubectl would). "yaml" is YAML only, "" tells by the first character.
     Errors are collected, never raised: one bad object or document does not hide the rest.
     Each object's source is `source:LINE` (the line its document starts on); items of a
-    list get `items[N].` before the field.
+    list get `items[N].` before the field. Ignored fields of kept objects go to `warnings`.
     """
     with gc_paused():
-        return _parse_stream(text, source)
+        return _parse_stream(text, source, fmt, warnings)
 
 
-def _parse_stream(text: str, source: str) -> tuple[list[Parsed], list[ObjectError]]:
+def _parse_stream(
+    text: str, source: str, fmt: str, warnings: list[ObjectError] | None
+) -> tuple[list[Parsed], list[ObjectError]]:
     objs: list[Parsed] = []
     errors: list[ObjectError] = []
-    head = text.lstrip()
-    values = _json_values(text) if head[:1] in ("{", "[") else None
+    values: list[Any] | None
+    head = text.lstrip(" \t\r\n\ufeff")[:1]
+    if fmt == "json" and head in ("{", "["):
+        try:
+            values = _json_values_strict(text)
+        except _JsonFailure as e:
+            where = f"{source}:{e.line}" if source else f"line {e.line}"
+            errors.append(ObjectError(ObjectRef("Document", "", "0"), "", f"JSON: {e.reason}", where))
+            return objs, errors
+    else:
+        values = _json_values(text) if fmt != "yaml" and head in ("{", "[") else None
     if values is not None:
         where = f"{source}:1" if source else "line 1"
         for index, v in enumerate(values):
-            _collect(v, where, index, objs, errors)
+            _collect(v, where, index, objs, errors, warnings)
         return objs, errors
     for index, (line, first, chunk) in enumerate(_documents(text)):
         where = f"{source}:{first}" if source else f"line {first}"
         try:
-            docs = list(yaml.load_all(chunk, Loader=_LOADER))
+            docs = list(yaml.load_all(chunk, Loader=_Loader))
         except (yaml.YAMLError, RecursionError, ValueError, TypeError) as e:
             errors.append(_yaml_error(source, line, index, e))
             continue
         for doc in docs:
-            _collect(doc, where, index, objs, errors)
+            _collect(doc, where, index, objs, errors, warnings)
     return objs, errors
 
 
-def _collect(doc: object, where: str, index: int, objs: list[Parsed], errors: list[ObjectError]) -> None:
+def _collect(
+    doc: object,
+    where: str,
+    index: int,
+    objs: list[Parsed],
+    errors: list[ObjectError],
+    warnings: list[ObjectError] | None = None,
+) -> None:
     if doc is None:
         return
     if isinstance(doc, list):
         for i, item in enumerate(doc):
-            _collect_one(item, where, "", f"[{i}].", objs, errors)
+            _collect_one(item, where, "", f"[{i}].", objs, errors, warnings)
         return
     if not isinstance(doc, Mapping):
         errors.append(
@@ -985,19 +1228,30 @@ def _collect(doc: object, where: str, index: int, objs: list[Parsed], errors: li
             )
             return
         for i, item in enumerate(items):
-            _collect_one(item, where, item_kind, f"items[{i}].", objs, errors)
+            _collect_one(item, where, item_kind, f"items[{i}].", objs, errors, warnings)
         return
-    _collect_one(doc, where, "", "", objs, errors)
+    _collect_one(doc, where, "", "", objs, errors, warnings)
+
+
+def _prefixed(e: ObjectError, prefix: str) -> ObjectError:
+    if not prefix:
+        return e
+    return ObjectError(e.ref, f"{prefix}{e.field}" if e.field else prefix.rstrip("."), e.reason, e.source)
 
 
 def _collect_one(
-    item: object, where: str, kind: str, prefix: str, objs: list[Parsed], errors: list[ObjectError]
+    item: object,
+    where: str,
+    kind: str,
+    prefix: str,
+    objs: list[Parsed],
+    errors: list[ObjectError],
+    warnings: list[ObjectError] | None = None,
 ) -> None:
+    notes: list[ObjectError] | None = None if warnings is None else []
     try:
-        objs.extend(parse_object_all(item, where, kind=kind))  # type: ignore[arg-type]
+        objs.extend(parse_object_all(item, where, kind=kind, warnings=notes))  # type: ignore[arg-type]
     except ObjectError as e:
-        if prefix:
-            e = ObjectError(
-                e.ref, f"{prefix}{e.field}" if e.field else prefix.rstrip("."), e.reason, e.source
-            )
-        errors.append(e)
+        errors.append(_prefixed(e, prefix))
+    if notes and warnings is not None:
+        warnings.extend(_prefixed(w, prefix) for w in notes)

@@ -324,7 +324,7 @@ class SyncEngine:
             counts[key[0]] = counts.get(key[0], 0) - len(applied.pop(key, ()))
         return SyncResult(
             full=False,
-            reason="",
+            reason="service_ports_changed",
             chains_written=plan.written,
             chains_deleted=len(plan.deleted),
             payload_bytes=size,
