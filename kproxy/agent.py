@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from kproxy import log
 from kproxy.changes import ChangeTracker, FamilyView, PortEntry
-from kproxy.config import RenderConfig, render_config
+from kproxy.config import RenderConfig, render_config, sized
 from kproxy.configz import configz
 from kproxy.errors import KproxyError
 from kproxy.health import (
@@ -150,8 +150,10 @@ class NodeAgent:
     def _render_configs(self) -> dict[Family, RenderConfig]:
         s, node = self.settings, self.tracker.node
         ips = self.node_ips or (node.addresses if node else ())
+        primary = node.addresses if node else ()  # InternalIPs first: kube-proxy's primary IPs
         if bind_override(s):  # --bind-address names the node's primary IP of its family
             ips = (bind_override(s), *(ip for ip in ips if ip != bind_override(s)))
+            primary = (bind_override(s), *(ip for ip in primary if ip != bind_override(s)))
         return {
             f: render_config(
                 f,
@@ -167,6 +169,7 @@ class NodeAgent:
                 bridge_interface=s.bridge_interface,
                 interface_name_prefix=s.interface_name_prefix,
                 localhost_nodeports=s.localhost_nodeports,
+                primary_ips=primary,
             )
             for f in self.families
         }
@@ -194,9 +197,8 @@ class NodeAgent:
                 t0 = time.perf_counter()
                 # None asks the backend for a full sync; it also goes full on its own after a
                 # failure, a config change, a vanished canary or the periodic deadline.
-                report = await self.backend.sync(
-                    family, view.ports, None if first else changed, self._cfgs[family]
-                )
+                cfg = self._cfgs[family] = sized(self._cfgs[family], view.endpoint_total)
+                report = await self.backend.sync(family, view.ports, None if first else changed, cfg)
                 self._after_family_sync(
                     family, report, time.perf_counter() - t0, taken_at, pending.trigger_times
                 )

@@ -281,6 +281,9 @@ class FamilyView:
         self.node_name = node_name
         self.ports: dict[ServicePortName, PortEntry] = {}
         self._by_service: dict[ServiceKey, tuple[ServicePortName, ...]] = {}
+        self.endpoint_total = 0
+        """Endpoints over every port, kept as ports change: what kube-proxy counts to
+        decide its large-cluster mode, without a walk over the view per sync."""
 
     def update(self, tracker: ChangeTracker, keys: Iterable[ServiceKey]) -> set[ServicePortName]:
         """Recompute the given services; return the port names whose entry changed."""
@@ -296,13 +299,17 @@ class FamilyView:
                     merged = merge_endpoints(tracker.slices_of(key), self.node_name, self.family)
                     for sp in sps:
                         entry = (sp, merged.get(sp.name, ()))
-                        if ports.get(sp.name) != entry:
+                        old = ports.get(sp.name)
+                        if old != entry:
+                            self.endpoint_total += len(entry[1]) - (len(old[1]) if old else 0)
                             ports[sp.name] = entry
                             changed.add(sp.name)
                         new_names.append(sp.name)
             for name in old_names:
                 if name not in new_names:
-                    ports.pop(name, None)
+                    gone = ports.pop(name, None)
+                    if gone is not None:
+                        self.endpoint_total -= len(gone[1])
                     changed.add(name)
             if new_names:
                 self._by_service[key] = tuple(new_names)

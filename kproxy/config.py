@@ -8,7 +8,7 @@ changes on restart or when the Node object changes.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kproxy.state.model import Family
 
@@ -34,6 +34,10 @@ class RenderConfig:
     """The iptables binary supports MASQUERADE --random-fully."""
     drop_invalid: bool = True
     """Write the ctstate INVALID drop; off when nf_conntrack_tcp_be_liberal is set."""
+    nfacct: bool = False
+    """The kernel holds kube-proxy's nfacct counters (ct_state_invalid_dropped_pkts,
+    localhost_nps_accepted_pkts), so rules count into them as kube-proxy's do. kproxy does
+    not create the counters: only a caller that knows they exist sets this."""
     masquerade_all: bool = False
     masquerade_bit: int = 14
     nodeport_ips: tuple[str, ...] | None = None
@@ -52,7 +56,38 @@ class RenderConfig:
         """Source CIDRs that count as pod traffic; empty means the detector is off."""
         if self.detect_local_mode == "NodeCIDR":
             return self.node_pod_cidrs
-        return self.cluster_cidr
+        if self.detect_local_mode in ("ClusterCIDR", ""):
+            return self.cluster_cidr
+        return ()
+
+    @property
+    def local_match(self) -> tuple[str, str]:
+        """kube-proxy's local-traffic detector as (IfLocal, IfNotLocal) match arguments;
+        ("", "") when it is off. A CIDR detector takes one CIDR per family; the interface
+        detectors match the input interface (`+` is iptables' name-prefix wildcard)."""
+        mode = self.detect_local_mode
+        if mode == "BridgeInterface":
+            iface = self.bridge_interface
+        elif mode == "InterfaceNamePrefix":
+            iface = self.interface_name_prefix + "+" if self.interface_name_prefix else ""
+        else:
+            cidr = next((c for c in self.local_cidrs if (":" in c) == (self.family == 6)), "")
+            return (f"-s {cidr}", f"! -s {cidr}") if cidr else ("", "")
+        return (f"-i {iface}", f"! -i {iface}") if iface else ("", "")
+
+
+_LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
+LARGE_CLUSTER_ENDPOINTS = 1000
+"""Above this many endpoints in one family, kube-proxy drops the comments from endpoint
+(KUBE-SEP) rules and from service-to-endpoint jumps: its large-cluster mode."""
+
+
+def sized(cfg: RenderConfig, endpoints: int) -> RenderConfig:
+    """`cfg` with comments as kube-proxy's large-cluster mode has them for this many
+    endpoints. The same object while the mode holds, so crossing the threshold is the only
+    thing that changes the config (and makes the next sync full)."""
+    comments = endpoints <= LARGE_CLUSTER_ENDPOINTS
+    return cfg if cfg.comments == comments else replace(cfg, comments=comments)
 
 
 def _in_family(cidrs: tuple[str, ...], family: Family) -> tuple[str, ...]:
@@ -77,21 +112,34 @@ def render_config(
     localhost_nodeports: bool = False,
     random_fully: bool = True,
     drop_invalid: bool = True,
+    primary_ips: tuple[str, ...] = (),
+    nfacct: bool = False,
 ) -> RenderConfig:
     """One family's RenderConfig from family-mixed settings.
 
     `node_ips` are the node's addresses (from the Node object offline, from netlink on
-    a node); with `nodeport_addresses` set, only those inside the CIDRs take node ports."""
+    a node); with `nodeport_addresses` set, only those inside the CIDRs take node ports.
+    `primary_ips` are the Node object's addresses, InternalIPs first: the first of this
+    family is the node IP, and `nodeport_addresses` ("primary",) means that IP alone, as
+    kube-proxy turns `primary` into the primary node IPs' /32 and /128 at start.
+    Localhost node ports (IPv4 only) stay on only while the node-port CIDRs take in
+    127.0.0.1, as kube-proxy turns them off otherwise."""
+    v6 = family == 6
+    mine = [ip for ip in (primary_ips or node_ips) if (":" in ip) == v6]
+    if nodeport_addresses == ("primary",):
+        nodeport_addresses = tuple(
+            f"{ip}/{128 if v6 else 32}" for ip in mine[:1] if not ipaddress.ip_address(ip).is_loopback
+        )
     nodeport_ips: tuple[str, ...] | None = None
     wanted = _in_family(nodeport_addresses, family)
     if wanted:
         nets = [ipaddress.ip_network(c, strict=False) for c in wanted]
         nodeport_ips = tuple(
-            ip
-            for ip in node_ips
-            if (":" in ip) == (family == 6) and any(ipaddress.ip_address(ip) in n for n in nets)
+            ip for ip in node_ips if (":" in ip) == v6 and any(ipaddress.ip_address(ip) in n for n in nets)
         )
-    mine = [ip for ip in node_ips if (":" in ip) == (family == 6)]
+        localhost_nodeports = localhost_nodeports and any(
+            n.version == 4 and (n.network_address.is_loopback or _LOCALHOST in n) for n in nets
+        )
     return RenderConfig(
         family=family,
         node_ip=mine[0] if mine else "",
@@ -109,4 +157,5 @@ def render_config(
         localhost_nodeports=localhost_nodeports and family == 4,
         random_fully=random_fully,
         drop_invalid=drop_invalid,
+        nfacct=nfacct,
     )

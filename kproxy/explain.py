@@ -51,7 +51,7 @@ def _left_out(eps: tuple[Endpoint, ...], sel: Selection, local: bool, indent: st
 
 
 def explain_port(sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig) -> list[str]:
-    sel = categorize(sp, eps, cfg.node_zone)
+    sel = categorize(sp, eps, cfg.node_zone, cfg.node_name)
     rules = render_port(sp, eps, cfg)
     own = [c.name for c in rules.own]
     fam = f"IPv{sp.family}"

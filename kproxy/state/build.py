@@ -105,7 +105,16 @@ def merge_endpoints(
                     continue
                 local = e.node_name == node_name and bool(node_name)
                 bucket[hp] = Endpoint(
-                    ip, port, e.ready, e.serving, e.terminating, local, e.zone, e.zone_hints, e.node_name
+                    ip,
+                    port,
+                    e.ready,
+                    e.serving,
+                    e.terminating,
+                    local,
+                    e.zone,
+                    e.zone_hints,
+                    e.node_name,
+                    e.node_hints,
                 )
     return {spn: tuple(bucket[hp] for hp in sorted(bucket)) for spn, bucket in by_port.items() if bucket}
 

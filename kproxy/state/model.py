@@ -120,6 +120,8 @@ class SliceEndpoint:
     node_name: str = ""
     zone: str = ""
     zone_hints: frozenset[str] = frozenset()
+    node_hints: frozenset[str] = frozenset()
+    """`hints.forNodes`: the nodes this endpoint is meant for (trafficDistribution PreferSameNode)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +214,7 @@ class Endpoint:
     zone: str = ""
     zone_hints: frozenset[str] = frozenset()
     node_name: str = ""
+    node_hints: frozenset[str] = frozenset()
 
     @property
     def hostport(self) -> str:

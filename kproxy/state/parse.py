@@ -269,7 +269,9 @@ _ip_cache: _Memo[str, str] = _Memo()
 # equality checks downstream often short-cut on identity.
 _port_specs: _Memo[tuple[str, Protocol, int, int, int | str], ServicePortSpec] = _Memo()
 _slice_ports: _Memo[tuple[str, Protocol, int], SlicePort] = _Memo()
-_slice_endpoints: _Memo[tuple[str, bool, bool, bool, str, str, frozenset[str]], SliceEndpoint] = _Memo()
+_slice_endpoints: _Memo[
+    tuple[str, bool, bool, bool, str, str, frozenset[str], frozenset[str]], SliceEndpoint
+] = _Memo()
 
 
 def _ip(v: object, field: str) -> str:
@@ -741,13 +743,17 @@ def _slice_endpoint(e_raw: object, want_v6: bool) -> SliceEndpoint | None:
     zone_raw = e.get("zone")
     zone = "" if zone_raw is None else _label_value(zone_raw, "zone")
     hints: frozenset[str] = _NO_HINTS
+    node_hints: frozenset[str] = _NO_HINTS
     hints_raw = e.get("hints")
     if hints_raw is not None:
         h = _map(hints_raw, "hints")
         zones = _list(h.get("forZones"), "hints.forZones")
         if zones:
             hints = frozenset(_each(zones, "hints.forZones", _zone_hint))
-    key = (address, ready, serving, terminating, node_name, zone, hints)
+        nodes = _list(h.get("forNodes"), "hints.forNodes")
+        if nodes:
+            node_hints = frozenset(_each(nodes, "hints.forNodes", _node_hint))
+    key = (address, ready, serving, terminating, node_name, zone, hints, node_hints)
     got = _slice_endpoints.get(key)
     if got is None:
         got = _slice_endpoints.put(key, SliceEndpoint(*key))
@@ -760,6 +766,11 @@ _NO_HINTS: Final[frozenset[str]] = frozenset()
 def _zone_hint(z_raw: object, field: str) -> str:
     z = _map(z_raw, field)
     return _label_value(z.get("name"), f"{field}.name" if field else "name")
+
+
+def _node_hint(n_raw: object, field: str) -> str:
+    n = _map(n_raw, field)
+    return _dns_subdomain(n.get("name"), f"{field}.name" if field else "name")
 
 
 # ------------------------------------------------------------ legacy Endpoints
@@ -847,12 +858,15 @@ def _node(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> Node:
         cidrs = ()
     status = _map(obj.get("status"), "status")
     addresses: list[str] = []
+    external: list[str] = []
     for i, a_raw in enumerate(_list(status.get("addresses"), "status.addresses")):
         a = _map(a_raw, f"status.addresses[{i}]")
-        if a.get("type") in ("InternalIP", "ExternalIP"):
+        kind = a.get("type")
+        if kind in ("InternalIP", "ExternalIP"):
             ip = _ip(a.get("address"), f"status.addresses[{i}].address")
-            if ip not in addresses:
-                addresses.append(ip)
+            (addresses if kind == "InternalIP" else external).append(ip)
+    # InternalIPs first, as kube-proxy picks the node's primary IPs (GetNodeHostIPs).
+    addresses = list(dict.fromkeys(addresses + external))
     return Node(
         name=name,
         labels=tuple(sorted(labels)),

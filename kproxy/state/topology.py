@@ -4,8 +4,11 @@ Pure and shared by every backend (and the explain view), so that the iptables
 rules, the userspace forwarder and the human-readable explanation never disagree
 about who gets traffic. The rules are kube-proxy's (pkg/proxy/topology.go): usable
 means ready, falling back to serving-and-terminating when nothing is ready,
-independently for Cluster and Local policy; zone hints narrow Cluster endpoints
-only when every ready endpoint is hinted and one hint names this node's zone.
+independently for Cluster and Local policy. Hints narrow Cluster endpoints:
+node hints (trafficDistribution PreferSameNode) when every ready endpoint has one and
+one names this node, else zone hints when every ready endpoint has one and one names
+this node's zone. kube-proxy's PreferSameTrafficDistribution gate, which guards node
+hints, is GA and locked on (1.35), so there is no switch for it here.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ class Selection:
     has_any: bool
     """Usable endpoints exist somewhere in the cluster (even if none is local)."""
     zone: str = ""
-    """The zone hints were filtered on; empty when hints were ignored."""
+    """The zone hints were filtered on; empty when zone hints were ignored."""
     terminating_fallback: bool = False
     """Cluster endpoints are serving-terminating ones because none was ready."""
     local_terminating_fallback: bool = False
+    node: str = ""
+    """The node the node hints were filtered on; empty when node hints were ignored."""
 
 
 class Reason(StrEnum):
@@ -41,6 +46,7 @@ class Reason(StrEnum):
     TERMINATING = "terminating (ready endpoints exist)"
     NOT_LOCAL = "not on this node (traffic policy Local)"
     OTHER_ZONE = "hinted for another zone"
+    OTHER_NODE = "hinted for another node"
 
 
 def uses_cluster(sp: ServicePort) -> bool:
@@ -73,22 +79,39 @@ def hint_zone(endpoints: tuple[Endpoint, ...], node_zone: str) -> str:
     return node_zone if seen_ready and zone_hinted and node_zone else ""
 
 
+def hint_node(endpoints: tuple[Endpoint, ...], node_name: str) -> str:
+    """The node to filter on (PreferSameNode), or "" when node hints must be ignored."""
+    hinted = False
+    for ep in endpoints:
+        if not ep.ready:
+            continue
+        if not ep.node_hints:
+            return ""
+        if node_name in ep.node_hints:
+            hinted = True
+    return node_name if hinted and node_name else ""
+
+
 def _fallback(ep: Endpoint) -> bool:
     return ep.serving and ep.terminating
 
 
-def categorize(sp: ServicePort, endpoints: tuple[Endpoint, ...], node_zone: str = "") -> Selection:
+def categorize(
+    sp: ServicePort, endpoints: tuple[Endpoint, ...], node_zone: str = "", node_name: str = ""
+) -> Selection:
     if not endpoints:
         return _EMPTY
     cluster: tuple[Endpoint, ...] = ()
     local: tuple[Endpoint, ...] = ()
     has_any = False
-    zone = ""
+    zone = node = ""
     cluster_fallback = False
     local_fallback = False
     if uses_cluster(sp):
-        zone = hint_zone(endpoints, node_zone)
-        if zone:
+        node = hint_node(endpoints, node_name)
+        if node:
+            cluster = tuple(ep for ep in endpoints if ep.ready and node in ep.node_hints)
+        elif zone := hint_zone(endpoints, node_zone):
             cluster = tuple(ep for ep in endpoints if ep.ready and zone in ep.zone_hints)
         else:
             cluster = tuple(ep for ep in endpoints if ep.ready)
@@ -97,7 +120,7 @@ def categorize(sp: ServicePort, endpoints: tuple[Endpoint, ...], node_zone: str 
             cluster_fallback = bool(cluster)
         has_any = bool(cluster)
     if not uses_local(sp):
-        return Selection(cluster, (), cluster, has_any, zone, cluster_fallback)
+        return Selection(cluster, (), cluster, has_any, zone, cluster_fallback, node=node)
 
     local_ready = local_term = False
     for ep in endpoints:
@@ -115,12 +138,12 @@ def categorize(sp: ServicePort, endpoints: tuple[Endpoint, ...], node_zone: str 
 
     if not uses_cluster(sp):
         reachable = local
-    elif not zone and not local_fallback:
+    elif not zone and not node and not local_fallback:
         reachable = cluster  # every ready endpoint, so a superset of the local ready ones
     else:
         chosen = set(cluster) | set(local)
         reachable = tuple(ep for ep in endpoints if ep in chosen)
-    return Selection(cluster, local, reachable, has_any, zone, cluster_fallback, local_fallback)
+    return Selection(cluster, local, reachable, has_any, zone, cluster_fallback, local_fallback, node)
 
 
 _EMPTY = Selection((), (), (), False)
@@ -136,7 +159,8 @@ def exclusion(ep: Endpoint, sel: Selection, local_policy: bool) -> Reason | None
     if local_policy and not ep.is_local:
         return Reason.NOT_LOCAL
     if ep.ready:
-        return Reason.OTHER_ZONE  # the only way a ready endpoint misses Cluster traffic
+        # the only ways a ready endpoint misses Cluster traffic
+        return Reason.OTHER_NODE if sel.node else Reason.OTHER_ZONE
     if ep.terminating:
         return Reason.TERMINATING if ep.serving else Reason.NOT_SERVING
     return Reason.NOT_READY

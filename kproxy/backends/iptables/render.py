@@ -7,10 +7,9 @@ f-strings: at 10,000 ports this is the hot path of every full sync.
 
 Where kproxy departs from kube-proxy's restore input, it is on purpose and
 harmless to a node switching between the two: host addresses carry an explicit
-/32 or /128, REJECT names its ICMP type, comments are reduced to a safe
-character set, and node ports are never reachable on loopback addresses (the
-equivalent of --iptables-localhost-nodeports=false, which needs no
-route_localnet sysctl).
+/32 or /128, REJECT names its ICMP type, and comments are reduced to a safe
+character set (iptables-save prints all three the same either way). Top-level
+chains list the ports in ServicePortName order where kube-proxy walks a Go map.
 """
 
 from __future__ import annotations
@@ -34,6 +33,10 @@ MARK_MASQ = "KUBE-MARK-MASQ"
 FORWARD = "KUBE-FORWARD"
 PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
 CANARY = "KUBE-PROXY-CANARY"
+FIREWALL = "KUBE-FIREWALL"
+"""kubelet's chain; kube-proxy fills it (with kubelet's very rule) when localhost node ports are on."""
+NFACCT_INVALID = "ct_state_invalid_dropped_pkts"
+NFACCT_LOCALHOST = "localhost_nps_accepted_pkts"
 
 NAT_SERVICES: ChainKey = ("nat", SERVICES)
 NAT_NODEPORTS: ChainKey = ("nat", NODEPORTS)
@@ -41,6 +44,7 @@ FILTER_SERVICES: ChainKey = ("filter", SERVICES)
 FILTER_EXTERNAL: ChainKey = ("filter", EXTERNAL_SERVICES)
 FILTER_NODEPORTS: ChainKey = ("filter", NODEPORTS)
 FILTER_FIREWALL: ChainKey = ("filter", PROXY_FIREWALL)
+FILTER_FIREWALL_KUBELET: ChainKey = ("filter", FIREWALL)
 
 TOP_LEVEL: tuple[ChainKey, ...] = (
     FILTER_SERVICES,
@@ -58,7 +62,7 @@ TOP_LEVEL: tuple[ChainKey, ...] = (
 """Chains kproxy (like kube-proxy) owns that are not per service port."""
 
 # Targets that are not chains of ours; a `-j` to anything else must be a chain in the ruleset.
-BUILTIN_TARGETS = frozenset({"ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "MARK", "MASQUERADE"})
+BUILTIN_TARGETS = frozenset({"ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "MARK", "MASQUERADE", FIREWALL})
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:/[]")
 
@@ -136,10 +140,8 @@ def _in_any(ip: str, cidrs: tuple[str, ...]) -> bool:
 
 
 @lru_cache(maxsize=64)
-def _local_cidr(cfg: RenderConfig) -> str:
-    """kube-proxy's local-traffic detector takes one CIDR per family ("! -s A ! -s B" is no rule)."""
-    v6 = cfg.family == 6
-    return next((c for c in cfg.local_cidrs if (":" in c) == v6), "")
+def _local_match(cfg: RenderConfig) -> tuple[str, str]:
+    return cfg.local_match
 
 
 class _Port:
@@ -156,9 +158,10 @@ class _Port:
         "has_external",
         "has_internal",
         "host",
+        "if_local",
+        "if_not_local",
         "internal_chain",
         "lb_ranges",
-        "local_cidr",
         "name",
         "pm",
         "prefix",
@@ -173,7 +176,7 @@ class _Port:
     def __init__(self, sp: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderConfig) -> None:
         self.sp = sp
         self.cfg = cfg
-        self.sel = sel = categorize(sp, endpoints, cfg.node_zone)
+        self.sel = sel = categorize(sp, endpoints, cfg.node_zone, cfg.node_name)
         v6 = cfg.family == 6
         self.host = "/128" if v6 else "/32"
         port_name = str(sp.name)
@@ -188,7 +191,7 @@ class _Port:
         self.svl = "KUBE-SVL-" + port_hash
         self.ext = "KUBE-EXT-" + port_hash
         self.fw = "KUBE-FW-" + port_hash
-        self.local_cidr = _local_cidr(cfg)
+        self.if_local, self.if_not_local = _local_match(cfg)
         self.ext_local = external_local(sp)
         self.has_any = sel.has_any
         self.has_internal = sel.has_any and (not sp.internal_local or bool(sel.local))
@@ -272,6 +275,11 @@ def _capture(p: _Port) -> tuple[Chain, ...]:
             )
     if sp.node_port:
         if p.has_any:
+            if p.cfg.localhost_nodeports and p.cfg.nfacct:
+                nodeports.append(
+                    f"-A {NODEPORTS} -m comment --comment {name} {pm} -d 127.0.0.0/8 --dport {sp.node_port} "
+                    f"-m nfacct --nfacct-name {NFACCT_LOCALHOST} -j {p.ext}"
+                )
             nodeports.append(
                 f"-A {NODEPORTS} -m comment --comment {name} {pm} --dport {sp.node_port} -j {p.ext}"
             )
@@ -309,8 +317,8 @@ def _masquerade(p: _Port, chain: str) -> list[str]:
     args = f'-m comment --comment "{p.name} cluster IP" {p.pm} -d {p.vip} {p.dport}'
     if p.cfg.masquerade_all:
         return [f"-A {chain} {args} -j {MARK_MASQ}"]
-    if p.local_cidr:
-        return [f"-A {chain} {args} ! -s {p.local_cidr} -j {MARK_MASQ}"]
+    if p.if_not_local:
+        return [f"-A {chain} {args} {p.if_not_local} -j {MARK_MASQ}"]
     return []
 
 
@@ -325,9 +333,9 @@ def _ext_rules(p: _Port) -> tuple[str, ...]:
             f'-A {ext} -m comment --comment "masquerade traffic for {name} external destinations" -j {MARK_MASQ}'
         )
     else:
-        if p.local_cidr:
+        if p.if_local:
             rules.append(
-                f'-A {ext} -m comment --comment "pod traffic for {name} external destinations" -s {p.local_cidr} -j {svc}'
+                f'-A {ext} -m comment --comment "pod traffic for {name} external destinations" {p.if_local} -j {svc}'
             )
         rules.append(
             f'-A {ext} -m comment --comment "masquerade LOCAL traffic for {name} external destinations" '
@@ -441,24 +449,32 @@ def _fixed(cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
     """Top-level rules that depend on the config only."""
     mark = cfg.masq_mark
     v6 = cfg.family == 6
+    localhost = cfg.localhost_nodeports and not v6
     tail_comment = (
         '-m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
     )
     tail: tuple[str, ...]
     if cfg.nodeport_ips is None:
-        loopback = "::1/128" if v6 else "127.0.0.0/8"
-        tail = (f"-A {SERVICES} {tail_comment} -m addrtype --dst-type LOCAL ! -d {loopback} -j {NODEPORTS}",)
+        # Loopback destinations are node ports too only with localhost node ports (IPv4),
+        # which need route_localnet; kube-proxy never offers them on IPv6.
+        loopback = " ! -d ::1/128" if v6 else "" if localhost else " ! -d 127.0.0.0/8"
+        tail = (f"-A {SERVICES} {tail_comment} -m addrtype --dst-type LOCAL{loopback} -j {NODEPORTS}",)
     else:
         host = "/128" if v6 else "/32"
         tail = tuple(
             f"-A {SERVICES} {tail_comment} -d {ip}{host} -j {NODEPORTS}"
             for ip in cfg.nodeport_ips
-            if not ipaddress.ip_address(ip).is_loopback
+            if localhost or not ipaddress.ip_address(ip).is_loopback
         )
-    return {
+    forward: tuple[str, ...] = ()
+    if cfg.drop_invalid:
+        counter = f" -m nfacct --nfacct-name {NFACCT_INVALID}" if cfg.nfacct else ""
+        forward = (f"-A {FORWARD} -m conntrack --ctstate INVALID{counter} -j DROP",)
+    random_fully = " --random-fully" if cfg.random_fully else ""
+    out: dict[ChainKey, tuple[str, ...]] = {
         ("nat", SERVICES): tail,
         ("filter", FORWARD): (
-            f"-A {FORWARD} -m conntrack --ctstate INVALID -j DROP",
+            *forward,
             f'-A {FORWARD} -m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT',
             f'-A {FORWARD} -m comment --comment "kubernetes forwarding conntrack rule" '
             "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -466,10 +482,18 @@ def _fixed(cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
         ("nat", POSTROUTING): (
             f"-A {POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN",
             f"-A {POSTROUTING} -j MARK --xor-mark {mark}",
-            f'-A {POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully',
+            f'-A {POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE{random_fully}',
         ),
         ("nat", MARK_MASQ): (f"-A {MARK_MASQ} -j MARK --or-mark {mark}",),
     }
+    if localhost:
+        # route_localnet lets the outside send to 127.0.0.0/8 too; kubelet's anti-martian
+        # rule (kube-proxy writes the same) drops what was not DNATed to a node port.
+        out[FILTER_FIREWALL_KUBELET] = (
+            f'-A {FIREWALL} -m comment --comment "block incoming localnet connections" '
+            "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+        )
+    return out
 
 
 def assemble(ports: Iterable[PortRules], cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
@@ -485,7 +509,7 @@ def assemble(ports: Iterable[PortRules], cfg: RenderConfig) -> dict[ChainKey, tu
         for ch in pr.own:
             out[ch.table, ch.name] = ch.rules
     for key, rules in _fixed(cfg).items():
-        shared[key].extend(rules)
+        shared.setdefault(key, []).extend(rules)
     for key, lines in shared.items():
         out[key] = tuple(lines)
     return out
@@ -509,16 +533,29 @@ _JUMPS: tuple[tuple[Table, str, str, str, bool], ...] = (
 )
 
 
+_KUBELET_JUMPS: tuple[tuple[Table, str, str, str, bool], ...] = (
+    # kube-proxy ensures kubelet's jumps after its own, so they end up first.
+    ("filter", "INPUT", FIREWALL, "", False),
+    ("filter", "OUTPUT", FIREWALL, "", False),
+)
+
+
 def jump_rule_args(new_only: bool, comment: str, target: str) -> str:
     """The arguments of one jump rule, without `-A CHAIN` (for `iptables -C/-I` callers)."""
     ct = "-m conntrack --ctstate NEW " if new_only else ""
+    if not comment:
+        return f"{ct}-j {target}"
     return f'{ct}-m comment --comment "{comment}" -j {target}'
 
 
 def builtin_jumps(cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
-    """Jumps from the built-in chains into ours (the same in both families)."""
+    """Jumps from the built-in chains into ours (the same in both families), and into
+    kubelet's KUBE-FIREWALL when kproxy fills it (localhost node ports)."""
     out: dict[ChainKey, list[str]] = {}
-    for table, builtin, target, comment, new_only in _JUMPS:
+    jumps = _JUMPS
+    if cfg.localhost_nodeports and cfg.family == 4:
+        jumps = _KUBELET_JUMPS + _JUMPS
+    for table, builtin, target, comment, new_only in jumps:
         out.setdefault((table, builtin), []).append(
             f"-A {builtin} {jump_rule_args(new_only, comment, target)}"
         )
