@@ -185,3 +185,107 @@ def test_exclusion_reason(
     sp: ServicePort, eps: tuple[Endpoint, ...], which: Endpoint, local: bool, want: Reason | None
 ) -> None:
     assert exclusion(which, categorize(sp, eps, "a"), local) == want
+
+
+# ------------------------------------------------ PreferSameNode (hints.forNodes)
+
+
+def node_ep(last: int, nodes: tuple[str, ...], zones: tuple[str, ...] = (), ready: bool = True) -> Endpoint:
+    return replace(ep(last, ready=ready, hints=zones), node_hints=frozenset(nodes))
+
+
+NA1, NA2, NB = node_ep(21, ("node-a",)), node_ep(22, ("node-a",)), node_ep(23, ("node-b",))
+NODE_CASES = [
+    # (id, endpoints, expected Cluster endpoints) on node-a in zone a; as kube-proxy's
+    # topologyModeFromHints with PreferSameTrafficDistribution (GA, always on)
+    ("every ready endpoint hinted, some for this node", (NA1, NA2, NB), (NA1, NA2)),
+    ("hints name other nodes only: all endpoints", (NB, node_ep(24, ("node-c",))), None),
+    ("one ready endpoint has no node hint: all endpoints", (NA1, R1), None),
+    ("a not-ready endpoint without a hint does not count", (NA1, NB, NOT_READY), (NA1,)),
+    (
+        "node hints win over zone hints",
+        (node_ep(25, ("node-a",), ("b",)), node_ep(26, ("node-b",), ("a",))),
+        (node_ep(25, ("node-a",), ("b",)),),
+    ),
+    (
+        "node hints unusable: zone hints still apply",
+        (node_ep(27, ("node-b",), ("a",)), node_ep(28, ("node-c",), ("b",))),
+        (node_ep(27, ("node-b",), ("a",)),),
+    ),
+]
+
+
+@pytest.mark.parametrize(("eps", "cluster"), [c[1:] for c in NODE_CASES], ids=[c[0] for c in NODE_CASES])
+def test_prefer_same_node_hints(eps: tuple[Endpoint, ...], cluster: tuple[Endpoint, ...] | None) -> None:
+    sel = categorize(CLUSTER_IP, eps, "a", "node-a")
+    assert sel.cluster == (eps if cluster is None else cluster)
+    assert sel.reachable == sel.cluster
+    assert sel.node == (
+        "node-a" if cluster is not None and all("node-a" in e.node_hints for e in cluster) else ""
+    )
+    if sel.node:
+        left_out = [e for e in eps if e.ready and e not in sel.cluster]
+        assert all(exclusion(e, sel, local_policy=False) is Reason.OTHER_NODE for e in left_out)
+
+
+def test_node_hints_narrow_cluster_endpoints_but_not_local_ones() -> None:
+    local_b = replace(NB, is_local=True)
+    sel = categorize(EXT_LOCAL, (NA1, local_b), "a", "node-a")
+    assert sel.cluster == (NA1,)
+    assert sel.local == (local_b,)
+    assert sel.reachable == (NA1, local_b)
+
+
+def test_for_nodes_is_parsed_from_the_endpoint_slice() -> None:
+    from kproxy.state.parse import parse_object
+
+    obj = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"namespace": "ns1", "name": "svc1-1", "labels": {"kubernetes.io/service-name": "svc1"}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {
+                "addresses": ["10.180.0.1"],
+                "hints": {"forZones": [{"name": "a"}], "forNodes": [{"name": "node-a"}]},
+            },
+            {"addresses": ["10.180.0.2"]},
+        ],
+        "ports": [{"name": "p80", "port": 80, "protocol": "TCP"}],
+    }
+    parsed = parse_object(obj)
+    first, second = parsed.endpoints  # type: ignore[union-attr]
+    assert first.node_hints == frozenset({"node-a"}) and first.zone_hints == frozenset({"a"})
+    assert second.node_hints == frozenset()
+
+
+def test_a_bad_for_nodes_name_skips_the_slice_naming_the_field() -> None:
+    from kproxy.errors import ObjectError
+    from kproxy.state.parse import parse_object
+
+    obj = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"namespace": "ns1", "name": "svc1-1", "labels": {"kubernetes.io/service-name": "svc1"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.180.0.1"], "hints": {"forNodes": [{"name": "Not A Node"}]}}],
+        "ports": [{"name": "p80", "port": 80, "protocol": "TCP"}],
+    }
+    with pytest.raises(ObjectError, match=r"forNodes\[0\]\.name"):
+        parse_object(obj)
+
+
+def test_node_hints_reach_the_endpoints_a_backend_sees() -> None:
+    from kproxy.state.build import merge_endpoints
+    from kproxy.state.model import EndpointSlice, SliceEndpoint, SlicePort
+
+    slice_ = EndpointSlice(
+        "ns1",
+        "svc1-1",
+        "svc1",
+        "IPv4",
+        (SlicePort("p80", "TCP", 80),),
+        (SliceEndpoint("10.180.0.1", node_hints=frozenset({"node-a"})),),
+    )
+    ((_name, (endpoint,)),) = merge_endpoints([slice_], "node-a", 4).items()
+    assert endpoint.node_hints == frozenset({"node-a"})

@@ -646,3 +646,46 @@ def test_command_probe_reads_and_sets_the_namespaces_own_sysctls(netns_guard: No
         asyncio.run(proxier.sync(4, {}, None, replace(FAKE, nfacct=False)))
         forward = exec_in(ns, ["iptables-nft-save", "-t", "filter"]).stdout
         assert "-A KUBE-FORWARD" in forward and "INVALID" not in forward
+
+
+class ConfigRecorder:
+    """A backend that keeps the RenderConfig of each sync."""
+
+    mode = "iptables"
+
+    def __init__(self) -> None:
+        self.cfgs: list[RenderConfig] = []
+
+    async def sync(self, family: Family, ports: object, changed: object, cfg: RenderConfig) -> object:
+        from kproxy.agent import SyncReport
+
+        self.cfgs.append(cfg)
+        return SyncReport(full=changed is None)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_agent_switches_large_cluster_mode_when_the_endpoint_total_crosses_1000() -> None:
+    from kproxy.agent import NodeAgent
+    from kproxy.settings import Settings
+    from tests.test_changes import eps, svc
+
+    settings = Settings(node_name="node-a", families=(4,), healthz_bind_address="", metrics_bind_address="")
+    backend = ConfigRecorder()
+    a = NodeAgent(settings, backend)  # type: ignore[arg-type]
+    ips = tuple(f"10.244.{i // 250}.{i % 250 + 1}" for i in range(LARGE_CLUSTER_ENDPOINTS))
+    a.tracker.replace("Service", [svc("web")])
+    a.tracker.replace("EndpointSlice", [eps("web", ips)])
+    a.tracker.replace("Node", [])
+    asyncio.run(a._sync())
+    a.tracker.upsert(eps("web", (*ips, "10.244.9.1")))
+    asyncio.run(a._sync())
+    a.tracker.upsert(eps("web", ips[:3]))
+    asyncio.run(a._sync())
+    assert [c.comments for c in backend.cfgs] == [True, False, True]
+    # a change of mode is a new config (the engine then syncs in full); no change, the same object
+    assert backend.cfgs[0] != backend.cfgs[1]
+    a.tracker.upsert(eps("web", ips[:4]))
+    asyncio.run(a._sync())
+    assert backend.cfgs[3] is backend.cfgs[2]
