@@ -20,6 +20,8 @@ no --random-fully, its nfacct counters exist, localhost node ports are on.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import ipaddress
 import re
 from collections.abc import Iterator, Mapping
@@ -689,3 +691,95 @@ def test_agent_switches_large_cluster_mode_when_the_endpoint_total_crosses_1000(
     a.tracker.upsert(eps("web", ips[:4]))
     asyncio.run(a._sync())
     assert backend.cfgs[3] is backend.cfgs[2]
+
+
+# ------------------------------------------------------------------ takeover in large-cluster mode
+
+
+def kube_proxy_large_cluster_nat(
+    services: int, per_service: int
+) -> tuple[str, dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]]:
+    """nat chains as kube-proxy writes them above 1,000 endpoints, written out here from its
+    source's rule shapes (not by kproxy's renderer), and the view they serve."""
+
+    def h(text: str) -> str:
+        return base64.b32encode(hashlib.sha256(text.encode()).digest())[:16].decode()
+
+    chains = [":KUBE-MARK-MASQ - [0:0]"]
+    rules: list[str] = []
+    v: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]] = {}
+    for s in range(1, services + 1):
+        sp = port(f"ns{s}", f"svc{s}", "p80", f"172.30.0.{40 + s}", 80)
+        name = f"{sp.name}tcp"
+        svc = "KUBE-SVC-" + h(name)
+        eps = tuple(
+            sorted(
+                (Endpoint(f"10.{s}.{i // 250}.{i % 250 + 1}", 80) for i in range(per_service)),
+                key=lambda e: e.hostport,
+            )
+        )
+        seps = ["KUBE-SEP-" + h(name + e.hostport) for e in eps]
+        chains += [f":{svc} - [0:0]", *(f":{sep} - [0:0]" for sep in seps)]
+        rules.append(
+            f'-A {svc} -m comment --comment "{sp.name} cluster IP" -m tcp -p tcp -d {sp.cluster_ip} --dport 80 '
+            "! -s 10.0.0.0/8 -j KUBE-MARK-MASQ"
+        )
+        n = len(eps)
+        for i, sep in enumerate(seps[:-1]):
+            rules.append(f"-A {svc} -m statistic --mode random --probability {1.0 / (n - i):0.10f} -j {sep}")
+        rules.append(f"-A {svc} -j {seps[-1]}")
+        for e, sep in zip(eps, seps, strict=True):
+            rules += [
+                f"-A {sep} -s {e.ip} -j KUBE-MARK-MASQ",
+                f"-A {sep} -m tcp -p tcp -j DNAT --to-destination {e.hostport}",
+            ]
+        v[sp.name] = (sp, eps)
+    return "*nat\n" + "\n".join(chains + rules) + "\nCOMMIT\n", v
+
+
+class Recording:
+    """A restorer that keeps every payload it passes on."""
+
+    def __init__(self, inner: CommandRestorer) -> None:
+        self.inner = inner
+        self.payloads: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def apply(self, family: Family, payload: str, noflush: bool = True) -> None:
+        self.payloads.append(payload)
+        self.inner.apply(family, payload, noflush)
+
+
+PER_SERVICE_DECL = re.compile(r"^:KUBE-(SVC|SVL|EXT|FW|SEP)-", re.M)
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_takeover_above_1000_endpoints_rewrites_no_per_service_chain(
+    backend: Backend, netns_guard: None
+) -> None:
+    from kproxy.backends.iptables.sync import SyncEngine
+
+    nat, v = kube_proxy_large_cluster_nat(services=2, per_service=600)
+    with Topology(pods=0, clients=0) as topo:
+        ns = topo.node_ns
+        exec_in(ns, [f"iptables-{backend}-restore", "--noflush"], input=nat)
+        before = exec_in(ns, ["nft", "-a", "list", "table", "ip", "nat"]).stdout if backend == "nft" else ""
+        cfg = render_config(4, NODE, cluster_cidr=("10.0.0.0/8",))
+        restorer = Recording(CommandRestorer(backend, netns=ns))
+        engine = SyncEngine(sized(cfg, sum(len(eps) for _, eps in v.values())), restorer)  # type: ignore[arg-type]
+        result = engine.sync(v, None)
+        assert result.full and restorer.payloads
+        assert not any(PER_SERVICE_DECL.search(p) for p in restorer.payloads), (
+            "a per-service chain was rewritten"
+        )
+        if backend == "nft":  # same rules, same kernel handles: nothing was replaced
+            after = exec_in(ns, ["nft", "-a", "list", "table", "ip", "nat"]).stdout
+            handles = re.compile(r"chain (KUBE-(?:SVC|SEP)-\S+) \{(.*?)\}", re.S)
+            assert dict(handles.findall(after)) == dict(handles.findall(before))
+        # the same node taken over by a renderer that kept comments would rewrite every chain
+        restorer.payloads.clear()
+        SyncEngine(cfg, restorer).sync(v, None)  # type: ignore[arg-type]
+        assert len(PER_SERVICE_DECL.findall("".join(restorer.payloads))) == 2 + 1200
