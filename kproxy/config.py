@@ -140,6 +140,9 @@ def render_config(
         localhost_nodeports = localhost_nodeports and any(
             n.version == 4 and (n.network_address.is_loopback or _LOCALHOST in n) for n in nets
         )
+        if localhost_nodeports and not v6 and "127.0.0.1" not in nodeport_ips:
+            # node_ips leave loopback out; kube-proxy finds 127.0.0.1 on lo
+            nodeport_ips = ("127.0.0.1", *nodeport_ips)
     return RenderConfig(
         family=family,
         node_ip=mine[0] if mine else "",

@@ -783,3 +783,20 @@ def test_takeover_above_1000_endpoints_rewrites_no_per_service_chain(
         restorer.payloads.clear()
         SyncEngine(cfg, restorer).sync(v, None)  # type: ignore[arg-type]
         assert len(PER_SERVICE_DECL.findall("".join(restorer.payloads))) == 2 + 1200
+
+
+def test_loopback_in_nodeport_addresses_with_localhost_node_ports() -> None:
+    cfg = render_config(
+        4,
+        NODE,
+        nodeport_addresses=("127.0.0.0/8", "192.168.0.0/24"),
+        node_ips=NODE_IPS,
+        localhost_nodeports=True,
+    )
+    tail = chain(render({}, cfg), "nat", "KUBE-SERVICES")
+    want = [
+        f'-A KUBE-SERVICES -m comment --comment "{TAIL}" -d {ip} -j KUBE-NODEPORTS'
+        for ip in ("127.0.0.1", "192.168.0.2")
+    ]
+    assert same(tail, want)
+    assert chain(render({}, cfg), "filter", "KUBE-FIREWALL")  # the anti-martian rule comes with it
