@@ -217,7 +217,14 @@ def takeover(
         with EchoPods([(p.ns, p.name) for p in topo.pod_hosts], ECHO_PORT):
             load_kube_proxy_rules(topo, backend)
             before_fixture = exercise_every_service(topo)
-            agent = Agent(topo, topo.node, agent_args(NODE, manifests=_manifests(tmp), backend="auto"), tmp)
+            # the fixture is kube-proxy run with --iptables-localhost-nodeports=false (its header)
+            args = agent_args(
+                NODE,
+                manifests=_manifests(tmp),
+                backend="auto",
+                extra=["--iptables-localhost-nodeports=false"],
+            )
+            agent = Agent(topo, topo.node, args, tmp)
             with start_load(topo) as load:
                 try:
                     load.wait_progress(connections=10, exchanges=10)
