@@ -112,6 +112,16 @@ def add_dry_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="accept node ports only on the Node's addresses inside these CIDRs (default every local address)",
     )
     p.add_argument(
+        "--iptables-localhost-nodeports",
+        dest="localhost_nodeports",
+        type=_true_false,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="true|false",
+        help="IPv4 node ports also answer on 127.0.0.1, as kube-proxy's (default true)",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="exit 1 when any object was skipped (default off: skipped objects are only reported)",
@@ -123,6 +133,12 @@ def add_dry_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="instead of rules, explain where traffic to this service goes and why",
     )
     p.set_defaults(func=cmd_dry_run, parser=p)
+
+
+def _true_false(text: str) -> bool:
+    if text.strip().lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+    return text.strip().lower() == "true"
 
 
 def _family_arg(text: str) -> Family:
@@ -304,6 +320,8 @@ def dry_run_configs(
                 masquerade_all=args.masquerade_all,
                 nodeport_addresses=args.nodeport_addresses,
                 node_ips=node.addresses if node else (),
+                primary_ips=node.addresses if node else (),
+                localhost_nodeports=args.localhost_nodeports,
             )
         )
     return cfgs

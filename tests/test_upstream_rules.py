@@ -800,3 +800,24 @@ def test_loopback_in_nodeport_addresses_with_localhost_node_ports() -> None:
     ]
     assert same(tail, want)
     assert chain(render({}, cfg), "filter", "KUBE-FIREWALL")  # the anti-martian rule comes with it
+
+
+@pytest.mark.parametrize(
+    ("flag", "localhost"), [([], True), (["--iptables-localhost-nodeports=false"], False)]
+)
+def test_dry_run_renders_localhost_node_ports_as_kube_proxys_default(
+    flag: list[str], localhost: bool
+) -> None:
+    import io
+
+    from kproxy.cli import build_parser, cmd_dry_run
+
+    path = str(DATA / "overall-iptables-rules.yaml")
+    args = build_parser().parse_args(
+        ["dry-run", "-f", path, "--node-name", NODE, "--cluster-cidr", "10.0.0.0/8", *flag]
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert cmd_dry_run(args, out, err) == 0
+    got = parse_restore(out.getvalue())
+    assert (("filter", "KUBE-FIREWALL") in got) is localhost
+    assert any("! -d 127.0.0.0/8" in r for r in got[("nat", "KUBE-SERVICES")]) is not localhost
