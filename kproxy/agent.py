@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from kproxy import log
 from kproxy.changes import ChangeTracker, FamilyView, PortEntry
-from kproxy.config import RenderConfig, render_config, sized
+from kproxy.config import RenderConfig, localhost_in_effect, render_config, sized
 from kproxy.configz import configz
 from kproxy.errors import KproxyError
 from kproxy.health import (
@@ -369,7 +369,12 @@ def make_backend(settings: Settings) -> Backend:
         return UserspaceMode.for_host(settings)
     from kproxy.backends.iptables.proxier import IptablesProxier
 
-    return IptablesProxier.for_host(settings.iptables_backend, full_sync_period=settings.full_sync_period)
+    return IptablesProxier.for_host(
+        settings.iptables_backend,
+        full_sync_period=settings.full_sync_period,
+        route_localnet=4 in settings.families
+        and localhost_in_effect(settings.localhost_nodeports, settings.nodeport_addresses),
+    )
 
 
 def run_agent(settings: Settings) -> int:

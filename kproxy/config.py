@@ -82,6 +82,17 @@ LARGE_CLUSTER_ENDPOINTS = 1000
 (KUBE-SEP) rules and from service-to-endpoint jumps: its large-cluster mode."""
 
 
+def localhost_in_effect(localhost_nodeports: bool, nodeport_addresses: tuple[str, ...]) -> bool:
+    """Whether IPv4 node ports answer on loopback: kube-proxy turns localhostNodePorts off
+    when nodePortAddresses (its IPv4 part) leaves 127.0.0.1 out; none given means all."""
+    if not localhost_nodeports:
+        return False
+    if nodeport_addresses == ("primary",):
+        return False  # the node IP's /32
+    v4 = [ipaddress.ip_network(c, strict=False) for c in _in_family(nodeport_addresses, 4)]
+    return not v4 or any(n.version == 4 and (n.network_address.is_loopback or _LOCALHOST in n) for n in v4)
+
+
 def sized(cfg: RenderConfig, endpoints: int) -> RenderConfig:
     """`cfg` with comments as kube-proxy's large-cluster mode has them for this many
     endpoints. The same object while the mode holds, so crossing the threshold is the only
@@ -137,9 +148,7 @@ def render_config(
         nodeport_ips = tuple(
             ip for ip in node_ips if (":" in ip) == v6 and any(ipaddress.ip_address(ip) in n for n in nets)
         )
-        localhost_nodeports = localhost_nodeports and any(
-            n.version == 4 and (n.network_address.is_loopback or _LOCALHOST in n) for n in nets
-        )
+        localhost_nodeports = localhost_in_effect(localhost_nodeports, nodeport_addresses)
         if localhost_nodeports and not v6 and "127.0.0.1" not in nodeport_ips:
             # node_ips leave loopback out; kube-proxy finds 127.0.0.1 on lo
             nodeport_ips = ("127.0.0.1", *nodeport_ips)

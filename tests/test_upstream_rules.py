@@ -36,7 +36,7 @@ from kproxy.backends.iptables.render import render_port, render_snapshot, render
 from kproxy.backends.iptables.restore import CommandRestorer
 from kproxy.backends.iptables.ruleset import ChainKey
 from kproxy.changes import ChangeTracker, FamilyView
-from kproxy.config import LARGE_CLUSTER_ENDPOINTS, RenderConfig, render_config, sized
+from kproxy.config import LARGE_CLUSTER_ENDPOINTS, RenderConfig, localhost_in_effect, render_config, sized
 from kproxy.errors import ConfigError
 from kproxy.sources.files import load_paths
 from kproxy.state.build import Snapshot, view
@@ -509,16 +509,18 @@ def test_random_fully_needs_iptables_1_6_2(text: str, supported: bool) -> None:
     assert supports_random_fully(text) is supported
 
 
-def sync_once(probe: FakeProbe, cfg: RenderConfig) -> NullRestorer:
+def sync_once(probe: FakeProbe, cfg: RenderConfig, route_localnet: bool = False) -> NullRestorer:
     restorer = NullRestorer()
-    proxier = IptablesProxier(restorer, probe=probe)  # type: ignore[arg-type]
+    proxier = IptablesProxier(restorer, probe=probe, route_localnet=route_localnet)  # type: ignore[arg-type]
     asyncio.run(proxier.sync(4, {}, None, cfg))
     return restorer
 
 
 def test_proxier_writes_what_the_host_supports() -> None:
     probe = FakeProbe(version="iptables v1.6.1", liberal="1")
-    payload = sync_once(probe, replace(FAKE, nfacct=False, random_fully=True, drop_invalid=True)).payloads[0]
+    payload = sync_once(
+        probe, replace(FAKE, nfacct=False, random_fully=True, drop_invalid=True), True
+    ).payloads[0]
     assert "--random-fully" not in payload and "--ctstate INVALID" not in payload
     assert probe.written == [("net/ipv4/conf/all/route_localnet", "1")]
     assert probe.canaries == [4]  # the first sync is full: the mangle canary is ensured
@@ -528,11 +530,30 @@ def test_proxier_writes_what_the_host_supports() -> None:
     assert probe.written == []  # route_localnet is left alone without localhost node ports
 
 
-def test_proxier_refuses_localhost_node_ports_it_cannot_enable() -> None:
+def test_proxier_refuses_to_start_when_route_localnet_cannot_be_set() -> None:
     probe = FakeProbe()
     probe.fail_write = True
     with pytest.raises(ConfigError, match="route_localnet"):
-        sync_once(probe, FAKE)
+        IptablesProxier(NullRestorer(), probe=probe, route_localnet=True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("localhost", "addresses", "effect"),
+    [
+        (True, (), True),
+        (False, (), False),
+        (True, ("192.168.0.0/24",), False),
+        (True, ("127.0.0.0/8", "192.168.0.0/24"), True),
+        (True, ("2001:db8::/64",), True),  # no IPv4 CIDR: IPv4 node ports stay on every address
+        (True, ("primary",), False),
+    ],
+)
+def test_localhost_node_ports_in_effect(localhost: bool, addresses: tuple[str, ...], effect: bool) -> None:
+    assert localhost_in_effect(localhost, addresses) is effect
+    cfg = render_config(
+        4, NODE, nodeport_addresses=addresses, node_ips=NODE_IPS, localhost_nodeports=localhost
+    )
+    assert cfg.localhost_nodeports is effect
 
 
 # ------------------------------------------------------------------ the kernel

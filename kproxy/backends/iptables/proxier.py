@@ -3,8 +3,8 @@
 What kube-proxy's iptables proxier learns about the host once, at start, this one
 learns from a `HostProbe` before its first sync: whether iptables can write
 `MASQUERADE --random-fully` (iptables 1.6.2 and later), whether
-nf_conntrack_tcp_be_liberal is set (then no `--ctstate INVALID` drop), and it sets
-route_localnet when localhost node ports are on. It keeps kube-proxy's canary chain in
+nf_conntrack_tcp_be_liberal is set (then no `--ctstate INVALID` drop). Like
+NewProxier, it sets route_localnet when it is built, if localhost node ports are on. It keeps kube-proxy's canary chain in
 mangle, beside the nat and filter ones every full sync writes.
 """
 
@@ -123,20 +123,44 @@ class IptablesProxier:
     mode = "iptables"
 
     def __init__(
-        self, restorer: Restorer, *, full_sync_period: float = 3600.0, probe: HostProbe | None = None
+        self,
+        restorer: Restorer,
+        *,
+        full_sync_period: float = 3600.0,
+        probe: HostProbe | None = None,
+        route_localnet: bool = False,
     ) -> None:
+        """With `route_localnet` (IPv4 localhost node ports in effect), sets that sysctl now,
+        as kube-proxy's NewProxier does, and refuses to start when it cannot."""
         self.restorer = restorer
         self.full_sync_period = full_sync_period
         self.engines: dict[Family, SyncEngine] = {}
         self.probe = probe
         self._facts: tuple[bool, bool] | None = None
         self._adjusted: dict[Family, tuple[RenderConfig, RenderConfig]] = {}
+        if route_localnet and probe is not None:
+            try:
+                probe.write_sysctl(ROUTE_LOCALNET, "1")
+            except OSError as e:
+                raise ConfigError(
+                    "iptables.localhostNodePorts",
+                    f"cannot set {ROUTE_LOCALNET}=1 ({e}); turn localhost node ports off "
+                    "(--iptables-localhost-nodeports=false) or leave 127.0.0.0/8 out of nodePortAddresses",
+                ) from e
+            log.info("route_localnet_set", reason="localhost node ports (issue 90259)")
 
     @classmethod
-    def for_host(cls, backend: str = "auto", *, full_sync_period: float = 3600.0) -> IptablesProxier:
+    def for_host(
+        cls, backend: str = "auto", *, full_sync_period: float = 3600.0, route_localnet: bool = False
+    ) -> IptablesProxier:
         chosen = detect_backend(None if backend == "auto" else backend)
         log.info("iptables_backend", backend=chosen)
-        return cls(CommandRestorer(chosen), full_sync_period=full_sync_period, probe=CommandProbe(chosen))
+        return cls(
+            CommandRestorer(chosen),
+            full_sync_period=full_sync_period,
+            probe=CommandProbe(chosen),
+            route_localnet=route_localnet,
+        )
 
     def _host_facts(self) -> tuple[bool, bool]:
         """(random_fully, drop_invalid), read once."""
@@ -165,17 +189,6 @@ class IptablesProxier:
         if known is not None and known[0] == cfg:
             return known[1]
         random_fully, drop_invalid = self._host_facts()
-        if cfg.localhost_nodeports and (known is None or not known[1].localhost_nodeports):
-            # kube-proxy refuses to start when it cannot set this (issue 90259 explains the need).
-            try:
-                self.probe.write_sysctl(ROUTE_LOCALNET, "1")
-            except OSError as e:
-                raise ConfigError(
-                    "localhostNodePorts",
-                    f"cannot set {ROUTE_LOCALNET}=1 ({e}); set iptables.localhostNodePorts to false "
-                    "or nodePortAddresses to exclude 127.0.0.0/8",
-                ) from e
-            log.info("route_localnet_set", reason="localhost node ports")
         adjusted = replace(cfg, random_fully=random_fully, drop_invalid=drop_invalid)
         self._adjusted[cfg.family] = (cfg, adjusted)
         return adjusted
