@@ -136,7 +136,7 @@ def render_config(
     Localhost node ports (IPv4 only) stay on only while the node-port CIDRs take in
     127.0.0.1, as kube-proxy turns them off otherwise."""
     v6 = family == 6
-    mine = [ip for ip in (primary_ips or node_ips) if (":" in ip) == v6]
+    mine = [ip for ip in primary_ips if (":" in ip) == v6] or [ip for ip in node_ips if (":" in ip) == v6]
     if nodeport_addresses == ("primary",):
         nodeport_addresses = tuple(
             f"{ip}/{128 if v6 else 32}" for ip in mine[:1] if not ipaddress.ip_address(ip).is_loopback

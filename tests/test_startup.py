@@ -228,8 +228,11 @@ def test_settings_reach_the_render_config() -> None:
     assert (cfgs[4].detect_local_mode, cfgs[4].interface_name_prefix) == ("InterfaceNamePrefix", "veth")
     assert cfgs[4].localhost_nodeports is False
     assert cfgs[4].node_ip == "10.0.0.9" and cfgs[6].node_ip == "fd00::5"
+    # nodePortAddresses without 127.0.0.1 would turn localhost node ports off, as upstream
     a = NodeAgent(
-        replace(s, localhost_nodeports=True, bind_address="0.0.0.0"), Recorder(), node_ips=("10.0.0.5",)
+        replace(s, localhost_nodeports=True, bind_address="0.0.0.0", nodeport_addresses=()),
+        Recorder(),
+        node_ips=("10.0.0.5",),
     )
     cfgs = a._render_configs()
     assert cfgs[4].localhost_nodeports is True and cfgs[6].localhost_nodeports is False
