@@ -88,7 +88,7 @@ def localhost_in_effect(localhost_nodeports: bool, nodeport_addresses: tuple[str
     if not localhost_nodeports:
         return False
     if nodeport_addresses == ("primary",):
-        return False  # the node IP's /32
+        return False  # the node IP's /32 (before the Node is known, kproxy does not guess)
     v4 = [ipaddress.ip_network(c, strict=False) for c in _in_family(nodeport_addresses, 4)]
     return not v4 or any(n.version == 4 and (n.network_address.is_loopback or _LOCALHOST in n) for n in v4)
 
@@ -136,10 +136,12 @@ def render_config(
     Localhost node ports (IPv4 only) stay on only while the node-port CIDRs take in
     127.0.0.1, as kube-proxy turns them off otherwise."""
     v6 = family == 6
-    mine = [ip for ip in primary_ips if (":" in ip) == v6] or [ip for ip in node_ips if (":" in ip) == v6]
+    primary = [ip for ip in primary_ips if (":" in ip) == v6]
+    mine = primary or [ip for ip in node_ips if (":" in ip) == v6]
     if nodeport_addresses == ("primary",):
+        # no primary IP of this family (kube-proxy then holds loopback): every local address
         nodeport_addresses = tuple(
-            f"{ip}/{128 if v6 else 32}" for ip in mine[:1] if not ipaddress.ip_address(ip).is_loopback
+            f"{ip}/{128 if v6 else 32}" for ip in primary[:1] if not ipaddress.ip_address(ip).is_loopback
         )
     nodeport_ips: tuple[str, ...] | None = None
     wanted = _in_family(nodeport_addresses, family)

@@ -248,6 +248,7 @@ def test_cleanup_empties_a_node_of_proxy_rules_in_both_families(backend: str) ->
                     "node-a",
                     "--ip-family",
                     family,
+                    "--iptables-localhost-nodeports=false",  # else KUBE-FIREWALL: kubelet's, kept
                 ],
                 capture_output=True,
                 text=True,

@@ -551,7 +551,12 @@ def test_proxier_refuses_to_start_when_route_localnet_cannot_be_set() -> None:
 def test_localhost_node_ports_in_effect(localhost: bool, addresses: tuple[str, ...], effect: bool) -> None:
     assert localhost_in_effect(localhost, addresses) is effect
     cfg = render_config(
-        4, NODE, nodeport_addresses=addresses, node_ips=NODE_IPS, localhost_nodeports=localhost
+        4,
+        NODE,
+        nodeport_addresses=addresses,
+        node_ips=NODE_IPS,
+        primary_ips=("192.168.0.2",),
+        localhost_nodeports=localhost,
     )
     assert cfg.localhost_nodeports is effect
 
