@@ -8,6 +8,8 @@ misspelt field fails here instead of being silently dropped (or rejected) by the
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
 import re
 import shlex
@@ -21,6 +23,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
+from kproxy.settings import Settings, load_config_file
+from kproxy.startup import apply_conntrack
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -215,9 +220,27 @@ def test_configmap_holds_a_kube_proxy_configuration() -> None:
     assert config["kind"] == "KubeProxyConfiguration"
     assert config["mode"] in ("iptables", "userspace")
     assert config["detectLocalMode"] in ("ClusterCIDR", "NodeCIDR")
-    assert set(config["iptables"]) <= {"masqueradeAll", "masqueradeBit", "syncPeriod", "minSyncPeriod"}
     assert 0 <= config["iptables"]["masqueradeBit"] <= 31
     assert config["metricsBindAddress"].endswith(":10249")
+
+
+class _ReadOnlyProcSys:
+    """/proc/sys as an unprivileged container sees it: readable, every write refused."""
+
+    def read(self, path: str) -> int:
+        return 1024  # lower than anything kube-proxy's defaults would ask for
+
+    def write(self, path: str, value: int) -> None:
+        raise PermissionError(errno.EROFS, "Read-only file system", path)
+
+
+def test_configmap_needs_no_sysctl_the_unprivileged_container_cannot_write(tmp_path: Path) -> None:
+    """The DaemonSet grants NET_ADMIN, not privileged: kproxy must start without writing /proc/sys."""
+    path = tmp_path / "config.yaml"
+    path.write_text(the("ConfigMap")["data"]["config.yaml"])
+    settings = dataclasses.replace(Settings(), **load_config_file(str(path)))
+    assert not settings.localhost_nodeports, "route_localnet would have to be set"
+    assert apply_conntrack(settings, _ReadOnlyProcSys(), cpus=64) == []
 
 
 # ---- manifests/examples/ ------------------------------------------------------------------------
