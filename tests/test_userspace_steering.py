@@ -25,6 +25,7 @@ from kproxy.backends.userspace.steering import (
     NODEPORT_NON_LOCAL,
     PORTALS_CONTAINER,
     PORTALS_HOST,
+    PROXY_FIREWALL,
     SteeringConfig,
     assemble,
     builtin_jumps,
@@ -101,6 +102,7 @@ def test_assemble_declares_every_chain_and_jumps_keep_portals_first() -> None:
         ("nat", NODEPORT_CONTAINER),
         ("nat", NODEPORT_HOST),
         ("filter", NODEPORT_NON_LOCAL),
+        ("filter", PROXY_FIREWALL),
     }
     assert all(not rules for rules in chains.values())
     jumps = builtin_jumps(SteeringConfig(family=4, listen_ip="0.0.0.0", host_ip="192.168.77.1"))
@@ -196,3 +198,33 @@ def test_steering_sends_service_traffic_through_the_proxier(node2: Topology, fam
             assert reply.ok and reply.peer != client.ip(family)  # pods see the proxier, not the client
         finally:
             lt.call(proxier.close(deadline=1))
+
+
+def test_external_local_steers_outside_traffic_to_the_local_listener_and_ranges_filter_lb_traffic() -> None:
+    sp = ServicePort(
+        WEB,
+        4,
+        "10.96.0.10",
+        80,
+        node_port=30080,
+        load_balancer_ips=("198.51.100.9",),
+        load_balancer_source_ranges=("203.0.113.0/24",),
+        external_local=True,
+    )
+    cfg = SteeringConfig(
+        family=4, listen_ip="0.0.0.0", host_ip="192.168.77.1", comments=False, local_cidrs=("10.244.0.0/16",)
+    )
+    rules = {(c.table, c.name): c.rules for c in render_port(sp, 41000, cfg, external=(41001, "drop")).shared}
+    assert rules[("nat", NODEPORT_CONTAINER)] == (
+        f"-A {NODEPORT_CONTAINER} -p tcp -m tcp --dport 30080 -s 10.244.0.0/16 -j REDIRECT --to-ports 41000",
+        f"-A {NODEPORT_CONTAINER} -p tcp -m tcp --dport 30080 -j REDIRECT --to-ports 41001",
+    )
+    assert rules[("nat", NODEPORT_HOST)] == (
+        f"-A {NODEPORT_HOST} -p tcp -m tcp --dport 30080 -j DNAT --to-destination 192.168.77.1:41000",
+    )
+    origin = "-p tcp -m conntrack --ctorigdst 198.51.100.9/32 --ctorigdstport 80"
+    assert rules[("filter", PROXY_FIREWALL)] == (
+        f"-A {PROXY_FIREWALL} -p tcp -m tcp --dport 41001 -j DROP",
+        f"-A {PROXY_FIREWALL} {origin} -s 203.0.113.0/24 -j RETURN",
+        f"-A {PROXY_FIREWALL} {origin} -j DROP",
+    )

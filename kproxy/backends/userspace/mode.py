@@ -16,7 +16,7 @@ from kproxy.agent import SyncReport
 from kproxy.backends.iptables.restore import CommandRestorer, Restorer, detect_backend
 from kproxy.backends.iptables.ruleset import ChainKey, restore_payload
 from kproxy.backends.userspace import steering
-from kproxy.backends.userspace.proxier import UserspaceProxier
+from kproxy.backends.userspace.proxier import Choice, UserspaceProxier
 from kproxy.changes import PortEntry
 from kproxy.config import RenderConfig
 from kproxy.settings import Settings
@@ -52,15 +52,26 @@ class UserspaceMode:
         proxier = self.proxiers.get(family)
         if proxier is None:
             proxier = self.proxiers[family] = UserspaceProxier(family=family)
-        await proxier.sync(ports)
+        await proxier.sync(ports, cfg.node_zone)
         listening = proxier.listener_ports()
+        external = proxier.external_ports()
         scfg = steering.SteeringConfig(
             family=family,
             listen_ip=proxier.bind_ip,
             host_ip=self._host_ip(family, cfg),
             comments=cfg.comments,
+            local_cidrs=cfg.local_cidrs,
         )
-        chains = steering.render_all({n: (ports[n][0], p) for n, p in listening.items() if n in ports}, scfg)
+        policies: dict[object, tuple[steering.Verdict, tuple[int, steering.Verdict] | None]] = {}
+        for n in listening:
+            inner, outer = proxier.choices(n)
+            ext_port = external.get(n)
+            ext = (ext_port, _verdict(outer)) if ext_port is not None and outer is not None else None
+            if inner is not None and (not inner.targets or ext is not None):
+                policies[n] = (_verdict(inner), ext)
+        chains = steering.render_all(
+            {n: (ports[n][0], p) for n, p in listening.items() if n in ports}, scfg, policies
+        )
         full = family not in self._jumps_ensured
         wrote = full or chains != self._applied.get(family)
         if wrote:
@@ -82,3 +93,11 @@ class UserspaceMode:
         until the next kproxy takes over or `kproxy cleanup` removes them."""
         for proxier in self.proxiers.values():
             await proxier.close()
+
+
+def _verdict(choice: Choice | None) -> steering.Verdict:
+    """No endpoint anywhere: reject, as for a service without endpoints; none on this node under a
+    Local policy: drop, as kube-proxy's KUBE-MARK-DROP."""
+    if choice is None or choice.targets:
+        return "forward"
+    return "drop" if choice.has_any else "reject"

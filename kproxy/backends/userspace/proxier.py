@@ -10,6 +10,7 @@ endpoint drain on their own). `listener_ports()` is what the steering rules need
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 from collections.abc import Mapping, Sequence
@@ -22,21 +23,37 @@ from kproxy.backends.userspace.rawtcp import RawTcpService, Reactor
 from kproxy.backends.userspace.sctp import IPPROTO_SCTP, open_listener, sctp_unsupported
 from kproxy.backends.userspace.tcp import DIAL_TIMEOUTS, Gate, Hooks, TcpService
 from kproxy.backends.userspace.udp import UdpService
+from kproxy.state import topology
 from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
 
 Engine = Literal["raw", "protocol"]
 View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 
 
-def usable_targets(sp: ServicePort, endpoints: Sequence[Endpoint]) -> list[Target]:
-    """Endpoints new connections may go to: ready ones (node-local only for
-    internalTrafficPolicy Local), else serving-and-terminating ones as a last resort,
-    the fallback kube-proxy applies."""
-    eps = [e for e in endpoints if e.is_local] if sp.internal_local else list(endpoints)
-    ready = [(e.ip, e.port) for e in eps if e.ready]
-    if ready:
-        return ready
-    return [(e.ip, e.port) for e in eps if e.serving and e.terminating]
+Role = Literal["internal", "external"]
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Where new connections of one listener may go, from `state.topology` as the kernel modes decide it."""
+
+    targets: tuple[Target, ...]
+    has_any: bool
+    """Usable endpoints exist somewhere: an empty `targets` then means "none local" (drop), not "none" (reject)."""
+
+
+def choose(
+    sp: ServicePort, endpoints: Sequence[Endpoint], node_zone: str = ""
+) -> tuple[Choice, Choice | None]:
+    """The internal listener's endpoints (cluster IP, and pod or node traffic to external
+    addresses) and, under externalTrafficPolicy Local, the external listener's (node-local
+    only); None when external traffic shares the internal listener."""
+    sel = topology.categorize(sp, tuple(endpoints), node_zone)
+    internal = sel.local if sp.internal_local else sel.cluster
+    inner = Choice(tuple((e.ip, e.port) for e in internal), sel.has_any)
+    if not topology.external_local(sp):
+        return inner, None
+    return inner, Choice(tuple((e.ip, e.port) for e in sel.local), sel.has_any)
 
 
 @dataclass(slots=True)
@@ -44,12 +61,15 @@ class _Port:
     sp: ServicePort
     balancer: Balancer
     port: int
+    role: Role = "internal"
+    choice: Choice = Choice((), False)
     tcp: TcpService | None = None
     server: asyncio.AbstractServer | None = None
     udp: UdpService | None = None
     raw: RawTcpService | None = None
     endpoints: tuple[Endpoint, ...] = ()
     """The endpoints last synced, so an unchanged port costs one tuple comparison."""
+    zone: str = ""
 
 
 class UserspaceProxier:
@@ -83,6 +103,8 @@ class UserspaceProxier:
         self.splice = splice
         self._reactor: Reactor | None = None
         self._ports: dict[ServicePortName, _Port] = {}
+        self._external: dict[ServicePortName, _Port] = {}
+        self._inherited: dict[str, socket.socket] = {}
         self._lock = asyncio.Lock()
 
     # -- queries
@@ -90,39 +112,95 @@ class UserspaceProxier:
     def listener_ports(self) -> dict[ServicePortName, int]:
         return {name: p.port for name, p in self._ports.items()}
 
-    def port_of(self, name: ServicePortName) -> int | None:
-        p = self._ports.get(name)
+    def external_ports(self) -> dict[ServicePortName, int]:
+        """Listeners of node-local endpoints, for ports under externalTrafficPolicy Local."""
+        return {name: p.port for name, p in self._external.items()}
+
+    def choices(self, name: ServicePortName) -> tuple[Choice | None, Choice | None]:
+        """(internal, external) endpoint choice of a port, for the steering's drop/reject rules."""
+        p, e = self._ports.get(name), self._external.get(name)
+        return (p.choice if p else None, e.choice if e else None)
+
+    def port_of(self, name: ServicePortName, role: Role = "internal") -> int | None:
+        p = (self._ports if role == "internal" else self._external).get(name)
         return p.port if p is not None else None
 
-    def balancer_of(self, name: ServicePortName) -> Balancer | None:
-        p = self._ports.get(name)
+    def balancer_of(self, name: ServicePortName, role: Role = "internal") -> Balancer | None:
+        p = (self._ports if role == "internal" else self._external).get(name)
         return p.balancer if p is not None else None
 
     @property
     def open_connections(self) -> int:
         return self.gate.open
 
+    # -- handover
+
+    def inherit(self, sockets: Mapping[str, socket.socket]) -> None:
+        """Listening sockets a previous kproxy handed over, by `listener_key`: the next sync
+        serves them instead of opening new ones, so their ports, the portal rules pointing at
+        them and the connections waiting in their accept queues all carry over."""
+        self._inherited.update(sockets)
+
+    def listening_sockets(self) -> dict[str, socket.socket]:
+        """Every open listener by `listener_key`, to hand over to the next kproxy."""
+        out: dict[str, socket.socket] = {}
+        for table in (self._ports, self._external):
+            for name, p in table.items():
+                sock = _listening_socket(p)
+                if sock is not None:
+                    out[listener_key(name, p.sp, p.role, self.bind_ip)] = sock
+        return out
+
     # -- sync
 
-    async def sync(self, ports: View) -> None:
+    async def sync(self, ports: View, node_zone: str = "") -> None:
         """Make the listeners match `ports`. Ports that fail to open are logged and retried on the next sync."""
         async with self._lock:
-            for name in [n for n in self._ports if n not in ports]:
-                self._close_port(name, self._ports.pop(name))
+            for table in (self._ports, self._external):
+                for name in [n for n in table if n not in ports]:
+                    self._close_port(name, table.pop(name))
             for name, (sp, endpoints) in ports.items():
                 current = self._ports.get(name)
                 if current is not None and _listener_key(current.sp) != _listener_key(sp):
                     self._close_port(name, self._ports.pop(name))
+                    ext = self._external.pop(name, None)
+                    if ext is not None:
+                        self._close_port(name, ext)
                     current = None
-                if current is None:
-                    opened = await self._open_port(name, sp, endpoints)
-                    if opened is not None:
-                        self._ports[name] = opened
+                ext = self._external.get(name)
+                if (
+                    current is not None
+                    and current.endpoints == endpoints
+                    and current.sp == sp
+                    and current.zone == node_zone
+                    and (ext is not None) == topology.external_local(sp)
+                ):
                     continue
-                self._update_port(name, current, sp, endpoints)
+                inner, outer = choose(sp, endpoints, node_zone)
+                if current is None:
+                    opened = await self._open_port(name, sp, endpoints, inner, "internal")
+                    if opened is None:
+                        continue
+                    self._ports[name] = current = opened
+                else:
+                    self._update_port(name, current, sp, endpoints, inner)
+                current.zone = node_zone
+                if outer is None:
+                    if ext is not None:
+                        self._close_port(name, self._external.pop(name))
+                elif ext is None:
+                    opened = await self._open_port(name, sp, endpoints, outer, "external")
+                    if opened is not None:
+                        self._external[name] = opened
+                else:
+                    self._update_port(name, ext, sp, endpoints, outer)
+            for key, sock in self._inherited.items():
+                log.info("userspace_inherited_listener_closed", listener=key)
+                sock.close()
+            self._inherited.clear()
 
     def _update_port(
-        self, name: ServicePortName, p: _Port, sp: ServicePort, endpoints: Sequence[Endpoint]
+        self, name: ServicePortName, p: _Port, sp: ServicePort, endpoints: Sequence[Endpoint], choice: Choice
     ) -> None:
         if sp != p.sp:
             if sp.lb_algorithm != p.sp.lb_algorithm:
@@ -131,26 +209,33 @@ class UserspaceProxier:
                 algorithm=parse_algorithm(sp.lb_algorithm), affinity_timeout=float(sp.affinity_timeout)
             )
             p.sp = sp
-        if endpoints == p.endpoints:
-            return
         p.endpoints = tuple(endpoints)
-        targets = usable_targets(sp, endpoints)
+        p.choice = choice
+        targets = choice.targets
         if tuple(sorted(targets)) != tuple(sorted(p.balancer.targets)):
             p.balancer.update(targets)
-            log.debug("userspace_endpoints_updated", service=str(name), endpoints=len(targets))
+            log.debug("userspace_endpoints_updated", service=str(name), role=p.role, endpoints=len(targets))
 
     async def _open_port(
-        self, name: ServicePortName, sp: ServicePort, endpoints: Sequence[Endpoint]
+        self,
+        name: ServicePortName,
+        sp: ServicePort,
+        endpoints: Sequence[Endpoint],
+        choice: Choice,
+        role: Role,
     ) -> _Port | None:
-        _warn_algorithm(name, sp.lb_algorithm)
+        if role == "internal":
+            _warn_algorithm(name, sp.lb_algorithm)
         balancer = Balancer(
-            usable_targets(sp, endpoints),
+            choice.targets,
             algorithm=parse_algorithm(sp.lb_algorithm),
             affinity_timeout=float(sp.affinity_timeout),
             rng=random.Random(self._rng.random()),
         )
         loop = asyncio.get_running_loop()
-        label = str(name)
+        label = str(name) if role == "internal" else f"{name} (external)"
+        inherited = self._inherited.pop(listener_key(name, sp, role, self.bind_ip), None)
+        eps = tuple(endpoints)
         try:
             if sp.protocol == "UDP":
                 udp = UdpService(
@@ -160,8 +245,8 @@ class UserspaceProxier:
                     bind_ip=self.bind_ip,
                     idle_timeout=self.udp_idle_timeout,
                 )
-                port = udp.open()
-                p = _Port(sp, balancer, port, udp=udp, endpoints=tuple(endpoints))
+                port = udp.adopt(inherited) if inherited is not None else udp.open()
+                p = _Port(sp, balancer, port, role, choice, udp=udp, endpoints=eps)
             else:
                 sctp = sp.protocol == "SCTP"
                 if sctp:
@@ -179,8 +264,11 @@ class UserspaceProxier:
                         dial_timeouts=self.dial_timeouts,
                         splice=self.splice and not sctp,
                     )
-                    port = raw.open(self.bind_ip, 0, self.backlog)
-                    p = _Port(sp, balancer, port, raw=raw, endpoints=tuple(endpoints))
+                    if inherited is not None:
+                        port = raw.adopt(inherited)
+                    else:
+                        port = raw.open(self.bind_ip, 0, self.backlog)
+                    p = _Port(sp, balancer, port, role, choice, raw=raw, endpoints=eps)
                 else:
                     tcp = TcpService(
                         label,
@@ -190,15 +278,19 @@ class UserspaceProxier:
                         proto_number=IPPROTO_SCTP if sctp else 0,
                         dial_timeouts=self.dial_timeouts,
                     )
-                    if sctp:
+                    if inherited is not None:
+                        server = await loop.create_server(tcp.protocol, sock=inherited, backlog=self.backlog)
+                    elif sctp:
                         server = await open_listener(tcp, self.bind_ip, 0, self.backlog)
                     else:
                         server = await loop.create_server(
                             tcp.protocol, self.bind_ip, 0, backlog=self.backlog, reuse_address=True
                         )
                     port = int(server.sockets[0].getsockname()[1])
-                    p = _Port(sp, balancer, port, tcp=tcp, server=server, endpoints=tuple(endpoints))
+                    p = _Port(sp, balancer, port, role, choice, tcp=tcp, server=server, endpoints=eps)
         except OSError as e:
+            if inherited is not None:
+                inherited.close()
             log.error(
                 "userspace_listener_failed",
                 service=label,
@@ -215,6 +307,7 @@ class UserspaceProxier:
             port=port,
             endpoints=len(balancer.targets),
             algorithm=balancer.algorithm,
+            inherited=inherited is not None,
         )
         return p
 
@@ -238,8 +331,9 @@ class UserspaceProxier:
     async def close(self, deadline: float = 5.0) -> None:
         """Stop every listener, give open connections up to `deadline` seconds to finish, then abort the rest."""
         async with self._lock:
-            ports = list(self._ports.items())
+            ports = [*self._ports.items(), *self._external.items()]
             self._ports.clear()
+            self._external.clear()
             for name, p in ports:
                 self._close_port(name, p)
             try:
@@ -258,6 +352,24 @@ class UserspaceProxier:
             if self._reactor is not None:
                 self._reactor.close()
                 self._reactor = None
+
+
+def listener_key(name: ServicePortName, sp: ServicePort, role: Role, bind_ip: str) -> str:
+    """Names one listener across processes: a handed-over socket is reused only by the same
+    service port, role, protocol, family and bind address."""
+    return f"{sp.family}|{bind_ip}|{name.namespace}/{name.name}:{name.port_name}/{sp.protocol}|{role}"
+
+
+def _listening_socket(p: _Port) -> socket.socket | None:
+    if p.raw is not None:
+        return p.raw.lsock
+    if p.udp is not None:
+        return p.udp.sock
+    if p.server is not None:
+        socks = p.server.sockets  # type: ignore[attr-defined]
+        if socks:
+            return socket.socket(fileno=os.dup(socks[0].fileno()))
+    return None
 
 
 def _listener_key(sp: ServicePort) -> tuple[str, int]:

@@ -212,6 +212,15 @@ class RawTcpService:
         self.lsock = sock
         return int(sock.getsockname()[1])
 
+    def adopt(self, sock: socket.socket) -> int:
+        """Serve a listening socket opened by an earlier kproxy (same options as `open` set)."""
+        self.family = sock.family
+        sock.setblocking(False)
+        self.lfd = sock.fileno()
+        self.reactor.add(self.lfd, self._on_accept, select.EPOLLIN)
+        self.lsock = sock
+        return int(sock.getsockname()[1])
+
     def close_listener(self) -> None:
         """Stop accepting; open connections go on until they end."""
         if self.lsock is not None:

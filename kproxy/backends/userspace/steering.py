@@ -20,13 +20,27 @@ External IPs are matched for traffic from anywhere and, from the host, only when
 address is local (an external IP that belongs to another machine must keep reaching it).
 The filter chain KUBE-NODEPORT-NON-LOCAL accepts new connections to listeners behind
 node ports so that a default-deny INPUT policy does not drop them.
+
+Traffic policies follow the kernel modes (the endpoint sets come from `state.topology`):
+
+- externalTrafficPolicy Local: the port gets a second listener that forwards only to
+  node-local endpoints. Node-port, external-IP and load-balancer traffic from outside is
+  steered to it; pod traffic (sources in the local CIDRs) and the node's own traffic
+  short-circuit to the first listener, as kube-proxy's KUBE-EXT chains do.
+- A listener with nothing to forward to is closed by filter KUBE-PROXY-FIREWALL (jumped to
+  from INPUT and OUTPUT for new connections, after the portal NAT, so it matches the
+  listener's port): REJECT when the service has no usable endpoint anywhere, DROP when
+  only a Local policy leaves none here.
+- loadBalancerSourceRanges: in the same chain, new connections whose original destination
+  (conntrack's, from before the portal NAT) is a load-balancer IP return early when their
+  source is in a range, and are dropped otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from kproxy.backends.iptables.ruleset import Chain, ChainKey, PortRules
 from kproxy.state.model import Family, ServicePort
@@ -36,12 +50,17 @@ PORTALS_HOST: Final = "KUBE-PORTALS-HOST"
 NODEPORT_CONTAINER: Final = "KUBE-NODEPORT-CONTAINER"
 NODEPORT_HOST: Final = "KUBE-NODEPORT-HOST"
 NODEPORT_NON_LOCAL: Final = "KUBE-NODEPORT-NON-LOCAL"
+PROXY_FIREWALL: Final = "KUBE-PROXY-FIREWALL"
 
 NAT_CHAINS: Final = (PORTALS_CONTAINER, PORTALS_HOST, NODEPORT_CONTAINER, NODEPORT_HOST)
 CHAIN_ORDER: Final[tuple[ChainKey, ...]] = (
     *(("nat", c) for c in NAT_CHAINS),
     ("filter", NODEPORT_NON_LOCAL),
+    ("filter", PROXY_FIREWALL),
 )
+
+Verdict = Literal["forward", "drop", "reject"]
+"""What a listener's new connections get: forwarded, or (no endpoint for it) dropped or rejected."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +71,8 @@ class SteeringConfig:
     host_ip: str
     """A non-loopback node address, the DNAT target for host traffic when listen_ip is a wildcard."""
     comments: bool = True
+    local_cidrs: tuple[str, ...] = ()
+    """Pod CIDRs of this family: their traffic to external addresses short-circuits to all endpoints."""
 
 
 def _wildcard(ip: str) -> bool:
@@ -90,32 +111,45 @@ def _host_jump(proxy_port: int, cfg: SteeringConfig) -> str:
     return f"-j DNAT --to-destination {_hostport(ip, proxy_port)}"
 
 
-def render_port(sp: ServicePort, proxy_port: int, cfg: SteeringConfig) -> PortRules:
-    """The steering lines of one service port whose listener is on `proxy_port`. All of
-    them go to the shared portal chains; a port owns no chain of its own."""
+def render_port(
+    sp: ServicePort,
+    proxy_port: int,
+    cfg: SteeringConfig,
+    *,
+    verdict: Verdict = "forward",
+    external: tuple[int, Verdict] | None = None,
+) -> PortRules:
+    """The steering lines of one service port whose listener is on `proxy_port`; `external`
+    is the (port, verdict) of its node-local listener under externalTrafficPolicy Local. All
+    lines go to the shared chains; a port owns no chain of its own."""
     cj = _container_jump(proxy_port, cfg)
     hj = _host_jump(proxy_port, cfg)
+    ej = _container_jump(external[0], cfg) if external is not None else cj
     container: list[str] = []
     host: list[str] = []
     pre_c = f"-A {PORTALS_CONTAINER} "
     pre_h = f"-A {PORTALS_HOST} "
+    pre_n = f"-A {NODEPORT_CONTAINER} "
+
+    def from_outside(pre: str, match: str) -> list[str]:
+        if external is None:
+            return [pre + match + " " + cj]
+        short = [f"{pre}{match} -s {cidr} {cj}" for cidr in cfg.local_cidrs]
+        return [*short, pre + match + " " + ej]
+
     if sp.cluster_ip:
         container.append(pre_c + _match(sp, sp.port, sp.cluster_ip, cfg) + " " + cj)
         host.append(pre_h + _match(sp, sp.port, sp.cluster_ip, cfg) + " " + hj)
     for ip in sp.external_ips:
-        container.append(pre_c + _match(sp, sp.port, ip, cfg) + " " + cj)
+        container += from_outside(pre_c, _match(sp, sp.port, ip, cfg))
         host.append(pre_h + _match(sp, sp.port, ip, cfg, "-m addrtype --dst-type LOCAL") + " " + hj)
     for ip in sp.load_balancer_ips:
-        container.append(pre_c + _match(sp, sp.port, ip, cfg) + " " + cj)
+        container += from_outside(pre_c, _match(sp, sp.port, ip, cfg))
         host.append(pre_h + _match(sp, sp.port, ip, cfg) + " " + hj)
     shared = [Chain("nat", PORTALS_CONTAINER, tuple(container)), Chain("nat", PORTALS_HOST, tuple(host))]
     if sp.node_port:
         shared.append(
-            Chain(
-                "nat",
-                NODEPORT_CONTAINER,
-                (f"-A {NODEPORT_CONTAINER} " + _match(sp, sp.node_port, None, cfg) + " " + cj,),
-            )
+            Chain("nat", NODEPORT_CONTAINER, tuple(from_outside(pre_n, _match(sp, sp.node_port, None, cfg))))
         )
         shared.append(
             Chain(
@@ -124,26 +158,63 @@ def render_port(sp: ServicePort, proxy_port: int, cfg: SteeringConfig) -> PortRu
                 (f"-A {NODEPORT_HOST} " + _match(sp, sp.node_port, None, cfg) + " " + hj,),
             )
         )
+        accept = [proxy_port] if external is None else [proxy_port, external[0]]
         shared.append(
             Chain(
                 "filter",
                 NODEPORT_NON_LOCAL,
-                (
+                tuple(
                     f"-A {NODEPORT_NON_LOCAL} "
-                    + _match(sp, proxy_port, None, cfg, "-m state --state NEW")
-                    + " -j ACCEPT",
+                    + _match(sp, port, None, cfg, "-m state --state NEW")
+                    + " -j ACCEPT"
+                    for port in accept
                 ),
             )
         )
+    shared.append(Chain("filter", PROXY_FIREWALL, _firewall(sp, proxy_port, verdict, external, cfg)))
     return PortRules(own=(), shared=tuple(c for c in shared if c.rules))
 
 
+def _firewall(
+    sp: ServicePort,
+    proxy_port: int,
+    verdict: Verdict,
+    external: tuple[int, Verdict] | None,
+    cfg: SteeringConfig,
+) -> tuple[str, ...]:
+    pre = f"-A {PROXY_FIREWALL} "
+    rules: list[str] = []
+    for port, v in ((proxy_port, verdict), external or (0, "forward")):
+        if v == "drop":
+            rules.append(pre + _match(sp, port, None, cfg) + " -j DROP")
+        elif v == "reject":
+            rules.append(pre + _match(sp, port, None, cfg) + " -j REJECT")
+    if sp.load_balancer_source_ranges:
+        proto = sp.protocol.lower()
+        for ip in sp.load_balancer_ips:
+            origin = f"-m conntrack --ctorigdst {_cidr(ip)} --ctorigdstport {sp.port}"
+            head = pre + (f'-m comment --comment "{sp.name} loadbalancer IP" ' if cfg.comments else "")
+            head += f"-p {proto} {origin}"
+            rules.extend(f"{head} -s {cidr} -j RETURN" for cidr in sp.load_balancer_source_ranges)
+            rules.append(f"{head} -j DROP")
+    return tuple(rules)
+
+
 def render_all(
-    ports: Mapping[object, tuple[ServicePort, int]], cfg: SteeringConfig
+    ports: Mapping[object, tuple[ServicePort, int]],
+    cfg: SteeringConfig,
+    policies: Mapping[object, tuple[Verdict, tuple[int, Verdict] | None]] | None = None,
 ) -> dict[ChainKey, tuple[str, ...]]:
-    """Convenience: `assemble` over every (service port, listener port) pair, in name order."""
+    """`assemble` over every (service port, listener port) pair, in name order; `policies`
+    gives a port's verdict and external listener (see `render_port`), default forward/none."""
     items = sorted(ports.items(), key=lambda kv: str(kv[1][0].name))
-    return assemble((render_port(sp, pp, cfg) for _, (sp, pp) in items))
+    pol = policies or {}
+    return assemble(
+        render_port(
+            sp, pp, cfg, verdict=pol.get(k, ("forward", None))[0], external=pol.get(k, ("forward", None))[1]
+        )
+        for k, (sp, pp) in items
+    )
 
 
 def assemble(ports: Iterable[PortRules]) -> dict[ChainKey, tuple[str, ...]]:
@@ -162,6 +233,9 @@ def builtin_jumps(cfg: SteeringConfig) -> dict[ChainKey, tuple[str, ...]]:
     portals = f'{c}"handle ClusterIPs; NOTE: this must be before the NodePort rules" ' if c else ""
     nodeports = f'{c}"handle service NodePorts; NOTE: this must be the last rule in the chain" ' if c else ""
     nonlocal_ = f'{c}"Ensure that non-local NodePort traffic can flow" ' if c else ""
+    firewall = '-m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" '
+    if not c:
+        firewall = "-m conntrack --ctstate NEW "
     return {
         ("nat", "PREROUTING"): (
             f"-A PREROUTING {portals}-j {PORTALS_CONTAINER}",
@@ -171,5 +245,9 @@ def builtin_jumps(cfg: SteeringConfig) -> dict[ChainKey, tuple[str, ...]]:
             f"-A OUTPUT {portals}-j {PORTALS_HOST}",
             f"-A OUTPUT -m addrtype --dst-type LOCAL {nodeports}-j {NODEPORT_HOST}",
         ),
-        ("filter", "INPUT"): (f"-A INPUT {nonlocal_}-j {NODEPORT_NON_LOCAL}",),
+        ("filter", "INPUT"): (
+            f"-A INPUT {firewall}-j {PROXY_FIREWALL}",
+            f"-A INPUT {nonlocal_}-j {NODEPORT_NON_LOCAL}",
+        ),
+        ("filter", "OUTPUT"): (f"-A OUTPUT {firewall}-j {PROXY_FIREWALL}",),
     }

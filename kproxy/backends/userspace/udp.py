@@ -134,6 +134,13 @@ class UdpService:
         self.reactor.add(sock.fileno(), self._on_datagrams, select.EPOLLIN)
         return int(sock.getsockname()[1])
 
+    def adopt(self, sock: socket.socket) -> int:
+        """Serve a bound socket opened by an earlier kproxy (packet info already requested)."""
+        sock.setblocking(False)
+        self.sock = sock
+        self.reactor.add(sock.fileno(), self._on_datagrams, select.EPOLLIN)
+        return int(sock.getsockname()[1])
+
     @property
     def port(self) -> int:
         return int(self.sock.getsockname()[1]) if self.sock is not None else 0
