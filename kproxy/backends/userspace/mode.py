@@ -9,13 +9,16 @@ rules per service port, so rewriting them whole costs less than diffing them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections.abc import Mapping
+from typing import Any
 
 from kproxy import log
 from kproxy.agent import SyncReport
 from kproxy.backends.iptables.restore import CommandRestorer, Restorer, detect_backend
 from kproxy.backends.iptables.ruleset import ChainKey, restore_payload
-from kproxy.backends.userspace import steering
+from kproxy.backends.userspace import handover, steering
 from kproxy.backends.userspace.proxier import Choice, UserspaceProxier
 from kproxy.changes import PortEntry
 from kproxy.config import RenderConfig
@@ -31,6 +34,8 @@ class UserspaceMode:
         self.proxiers: dict[Family, UserspaceProxier] = {}
         self._jumps_ensured: set[Family] = set()
         self._applied: dict[Family, dict[ChainKey, tuple[str, ...]]] = {}
+        self._received: handover.Received | None = None
+        self._handover_checked = False
 
     @classmethod
     def for_host(cls, settings: Settings) -> UserspaceMode:
@@ -49,9 +54,15 @@ class UserspaceMode:
         changed: set[ServicePortName] | None,
         cfg: RenderConfig,
     ) -> SyncReport:
+        if not self._handover_checked:
+            self._handover_checked = True
+            self._received = await asyncio.to_thread(handover.receive)
         proxier = self.proxiers.get(family)
         if proxier is None:
             proxier = self.proxiers[family] = UserspaceProxier(family=family)
+            if self._received is not None:
+                prefix = f"{family}|"
+                proxier.inherit({k: v for k, v in self._received.sockets.items() if k.startswith(prefix)})
         await proxier.sync(ports, cfg.node_zone)
         listening = proxier.listener_ports()
         external = proxier.external_ports()
@@ -74,6 +85,10 @@ class UserspaceMode:
         )
         full = family not in self._jumps_ensured
         wrote = full or chains != self._applied.get(family)
+        if full and await asyncio.to_thread(self._adoptable, family, chains):
+            wrote = False
+            self._applied[family] = chains
+            log.info("userspace_rules_adopted", family=family, chains=len(chains))
         if wrote:
             payload = restore_payload(chains)
             await asyncio.to_thread(self.restorer.apply, family, payload, True)
@@ -88,11 +103,42 @@ class UserspaceMode:
         written = rules if wrote else {"nat": 0, "filter": 0}
         return SyncReport(full=full, chains_written=len(chains), rules=rules, rules_written=written)
 
+    def _adoptable(self, family: Family, chains: dict[ChainKey, tuple[str, ...]]) -> bool:
+        """The previous kproxy wrote exactly these rules, and the kernel still has them all."""
+        prev = self._received.state.get(str(family)) if self._received is not None else None
+        if not isinstance(prev, dict) or prev.get("digest") != _digest(chains):
+            return False
+        try:
+            live = {t: self.restorer.save(family, t) for t in ("nat", "filter")}
+        except Exception as e:  # a failed read only costs the rewrite adoption would have saved
+            log.warn("userspace_rules_unreadable", family=family, error=repr(e))
+            return False
+        for (table, chain), lines in chains.items():
+            head = f"-A {chain} "
+            if sum(1 for line in live[table].splitlines() if line.startswith(head)) != len(lines):
+                return False
+        return True
+
     async def close(self) -> None:
-        """Listeners close (their connections get a deadline to finish); steering rules stay
-        until the next kproxy takes over or `kproxy cleanup` removes them."""
+        """Hand the listeners to a holder for the next kproxy (see `handover`), then close them;
+        connections already open get a deadline to finish. Steering rules stay until the next
+        kproxy adopts them or `kproxy cleanup` removes them."""
+        sockets = {}
+        for proxier in self.proxiers.values():
+            sockets.update(proxier.listening_sockets())
+        state: dict[str, Any] = {str(f): {"digest": _digest(c)} for f, c in self._applied.items()}
+        if sockets:
+            await asyncio.to_thread(handover.hold, sockets, state)
         for proxier in self.proxiers.values():
             await proxier.close()
+        if self._received is not None:
+            for sock in self._received.sockets.values():
+                sock.close()
+
+
+def _digest(chains: Mapping[ChainKey, tuple[str, ...]]) -> str:
+    items = sorted((f"{t} {c}", list(lines)) for (t, c), lines in chains.items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
 def _verdict(choice: Choice | None) -> steering.Verdict:
