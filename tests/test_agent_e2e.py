@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kproxy.backends.userspace import handover
 from tests.apiserver_standin import ApiServerStandIn
 from tests.netns import (
     CLUSTER_CIDR,
@@ -320,6 +321,8 @@ class Node:
         for agent in self.agents:
             stop_process(agent.proc)
         self.agents.clear()
+        with entered(self.ns):
+            handover.release()  # a userspace agent's socket keeper
         for api in self.apis:
             api.stop()
         self.apis.clear()

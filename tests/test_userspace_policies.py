@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from kproxy.backends.userspace import handover
 from tests.cluster import Agent, agent_args
 from tests.conftest import REQUIRED, privileged_missing
-from tests.netns import FAMILIES, Family, Proto, Reply, Topology, netns_guard, request, sample
+from tests.netns import FAMILIES, Family, Proto, Reply, Topology, entered, netns_guard, request, sample
 
 pytestmark = pytest.mark.privileged
 
@@ -184,6 +185,7 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def node(netns_guard: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topology, Agent]]:
+    """The agent's socket keeper (kproxy/backends/userspace/handover.py) is claimed at the end."""
     reason = privileged_missing()
     if reason is not None:
         (pytest.fail if REQUIRED else pytest.skip)(f"kernel tests: {reason}")
@@ -204,6 +206,8 @@ def node(netns_guard: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             yield topo, agent
         finally:
             agent.stop()
+            with entered(topo.node_ns):
+                handover.release()
 
 
 @pytest.fixture(params=FAMILIES, ids=lambda f: f"ipv{f}")

@@ -1,32 +1,34 @@
 """Restarts no client notices: the listening sockets outlive the kproxy that opened them.
 
-On SIGTERM, userspace mode hands its listening sockets to a small holder process
-(`python -m kproxy.backends.userspace.handover`, started in its own session with the
-sockets as inherited descriptors) and only then closes its own copies. The sockets stay
+Userspace mode starts a small keeper process (`python -m kproxy.backends.userspace.handover`,
+in its own session) and passes it a duplicate of every listener it opens, and the digest of
+the portal rules it writes, over a unix socket pair; closing a listener tells the keeper to
+drop its copy. However kproxy ends (SIGTERM, a crash, SIGKILL), the keeper sees the pair
+close and then offers everything it holds on an abstract unix address, which belongs to the
+network namespace, so exactly the next kproxy of the same node finds it. The sockets stay
 open in the kernel the whole time: a new connection waits in the accept queue and a
-datagram in the receive buffer, instead of being refused at a closed port. The holder
-listens on an abstract unix socket, which belongs to the network namespace, so exactly
-the kproxy of the same node finds it. The next kproxy connects at start-up, receives
-every socket (SCM_RIGHTS, in batches) with its `listener_key` and the digest of the
-portal rules its predecessor wrote, serves the same ports, and adopts those rules
-instead of rewriting them when they still match. A holder nobody claims within the
-timeout (kproxy stopped for good) exits and the sockets close.
+datagram in the receive buffer instead of being refused at a closed port. The next kproxy
+receives every socket (SCM_RIGHTS, in batches) with its `listener_key`, serves the same
+ports, and adopts the portal rules instead of rewriting them when they still match. A
+keeper nobody claims within the timeout (kproxy stopped for good) exits and the sockets
+close; `release()` claims and closes them at once.
 
-Limits: the holder must outlive kproxy, so in a container where kproxy is PID 1 it dies
-with the container unless the pod shares a PID namespace that lives on (hostPID). After
-SIGKILL there is nothing to hand over: the next kproxy opens new listeners and rewrites
-the rules, and connections in that gap are refused.
+Limits: the keeper must outlive kproxy, so in a container where kproxy is PID 1 it dies
+with the container unless the pod shares a PID namespace that lives on (hostPID); under
+systemd it needs KillMode=process. Connections kproxy had already accepted are its own and
+end with it on SIGKILL.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -49,45 +51,73 @@ class Received:
     """What the previous kproxy recorded for each family, e.g. the digest of the rules it wrote."""
 
 
-def hold(sockets: Mapping[str, socket.socket], state: Mapping[str, Any], ready_timeout: float = 5.0) -> bool:
-    """Start a holder for `sockets`; True once it holds them (the caller may then close its copies)."""
-    if not sockets:
-        return False
-    keys = list(sockets)
-    fds = [sockets[k].fileno() for k in keys]
-    timeout = _timeout()
-    spec = json.dumps({"keys": keys, "fds": fds, "state": dict(state), "timeout": timeout})
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kproxy.backends.userspace.handover"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            pass_fds=fds,
-            start_new_session=True,
-        )
-    except OSError as e:
-        log.error("userspace_handover_failed", listeners=len(keys), error=repr(e))
-        return False
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        proc.stdin.write(spec.encode() + b"\n")
-        proc.stdin.close()
-        line = _readline(proc.stdout, ready_timeout)
-    except OSError as e:
-        line = repr(e).encode()
-    proc.stdout.close()
-    if line.strip() != b"ready":
-        log.error(
-            "userspace_handover_failed",
-            listeners=len(keys),
-            holder=proc.pid,
-            said=line[:200].decode(errors="replace"),
-        )
-        if proc.poll() is None:
-            proc.kill()
-        return False
-    log.info("userspace_handover_held", listeners=len(keys), holder=proc.pid, timeout=timeout)
-    return True
+class Keeper:
+    """kproxy's side of the keeper. Calls are cheap (one message per batch of changes) and never
+    raise: a keeper that fails costs the next restart its handover, not this kproxy its service."""
+
+    def __init__(self) -> None:
+        self._chan: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._failed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def update(
+        self,
+        opened: Mapping[str, socket.socket],
+        closed: Sequence[str],
+        state: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Tell the keeper about listeners opened and closed since the last call, and the rules' state."""
+        if self._failed or (self._chan is None and not opened):
+            return
+        try:
+            chan = self._chan if self._chan is not None else self._start()
+            if closed:
+                chan.sendall(json.dumps({"remove": list(closed)}).encode())
+            keys = list(opened)
+            for i in range(0, len(keys), _BATCH):
+                part = keys[i : i + _BATCH]
+                body = json.dumps({"add": part}).encode()
+                socket.send_fds(chan, [body], [opened[k].fileno() for k in part])
+            if state is not None:
+                chan.sendall(json.dumps({"state": dict(state)}).encode())
+        except OSError as e:
+            self._failed = True
+            log.error("userspace_keeper_failed", error=repr(e), effect="the next restart opens new listeners")
+            self.close()
+
+    def close(self) -> None:
+        """Let the keeper offer what it holds to the next kproxy (it would on our exit anyway)."""
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "kproxy.backends.userspace.handover",
+                    str(theirs.fileno()),
+                    str(_timeout()),
+                ],
+                stdin=subprocess.DEVNULL,
+                pass_fds=[theirs.fileno()],
+                start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._chan = ours
+        log.info("userspace_keeper_started", keeper=self._proc.pid)
+        return ours
 
 
 def receive(connect_timeout: float = 2.0) -> Received | None:
@@ -129,33 +159,73 @@ def _timeout() -> float:
         return DEFAULT_TIMEOUT
 
 
-def _readline(pipe: Any, timeout: float) -> bytes:
-    import select
+def release() -> int:
+    """Claim a waiting keeper's sockets in this network namespace and close them; how many there were."""
+    got = receive(connect_timeout=0.5)
+    if got is None:
+        return 0
+    for sock in got.sockets.values():
+        sock.close()
+    return len(got.sockets)
 
-    ready, _, _ = select.select([pipe], [], [], timeout)
-    return bytes(pipe.readline()) if ready else b"no answer"
+
+def _keep(chan_fd: int, timeout: float) -> int:
+    """The keeper process: hold while kproxy lives, then hand everything to the next kproxy."""
+    chan = socket.socket(fileno=chan_fd)
+    held: dict[str, socket.socket] = {}
+    state: dict[str, Any] = {}
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(chan, _MAX_MSG, _BATCH)
+        except OSError:
+            break
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            break
+        body = json.loads(msg)
+        for key in body.get("remove", ()):
+            old = held.pop(key, None)
+            if old is not None:
+                old.close()
+        keys = body.get("add", [])
+        for i, fd in enumerate(fds):
+            sock = socket.socket(fileno=fd)
+            if i >= len(keys):
+                sock.close()
+                continue
+            old = held.pop(keys[i], None)
+            if old is not None:
+                old.close()
+            held[keys[i]] = sock
+        if "state" in body:
+            state = body["state"]
+    chan.close()
+    if held:
+        _offer(held, state, timeout)
+    return 0
 
 
-def _holder() -> int:
-    """The holder process: bind, say ready, hand everything to the first kproxy that connects."""
-    spec = json.loads(sys.stdin.readline())
-    keys: list[str] = spec["keys"]
-    fds: list[int] = spec["fds"]
+def _offer(held: dict[str, socket.socket], state: dict[str, Any], timeout: float) -> None:
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        srv.bind(ADDRESS)
-    except OSError as e:
-        print(f"bind failed: {e!r}", flush=True)
-        return 1
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            srv.bind(ADDRESS)
+            break
+        except OSError as e:
+            # an older keeper still offering (two restarts in quick succession): wait for it
+            if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                log.error("userspace_keeper_bind_failed", listeners=len(held), error=repr(e))
+                return
+            time.sleep(0.05)
     srv.listen(1)
-    print("ready", flush=True)
-    sys.stdout.close()
-    deadline = time.monotonic() + float(spec["timeout"])
+    keys = list(held)
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            log.warn("userspace_handover_expired", listeners=len(keys), reason="no kproxy took the sockets")
-            return 0
+            log.warn("userspace_keeper_expired", listeners=len(keys), reason="no kproxy took the sockets")
+            return
         srv.settimeout(left)
         try:
             conn, _ = srv.accept()
@@ -163,16 +233,17 @@ def _holder() -> int:
             continue
         with conn:
             try:
-                for i in range(0, max(len(keys), 1), _BATCH):
-                    body = {"keys": keys[i : i + _BATCH], "more": i + _BATCH < len(keys)}
+                for i in range(0, len(keys), _BATCH):
+                    part = keys[i : i + _BATCH]
+                    body: dict[str, Any] = {"keys": part, "more": i + _BATCH < len(keys)}
                     if i == 0:
-                        body["state"] = spec["state"]
-                    socket.send_fds(conn, [json.dumps(body).encode()], fds[i : i + _BATCH])
+                        body["state"] = state
+                    socket.send_fds(conn, [json.dumps(body).encode()], [held[k].fileno() for k in part])
             except OSError as e:
-                log.warn("userspace_handover_send_failed", error=repr(e))
+                log.warn("userspace_keeper_send_failed", error=repr(e))
                 continue
-        return 0
+        return
 
 
 if __name__ == "__main__":
-    sys.exit(_holder())
+    sys.exit(_keep(int(sys.argv[1]), float(sys.argv[2])))

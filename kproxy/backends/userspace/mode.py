@@ -36,6 +36,7 @@ class UserspaceMode:
         self._applied: dict[Family, dict[ChainKey, tuple[str, ...]]] = {}
         self._received: handover.Received | None = None
         self._handover_checked = False
+        self._keeper = handover.Keeper()
 
     @classmethod
     def for_host(cls, settings: Settings) -> UserspaceMode:
@@ -93,6 +94,9 @@ class UserspaceMode:
             payload = restore_payload(chains)
             await asyncio.to_thread(self.restorer.apply, family, payload, True)
             self._applied[family] = chains
+        opened, closed = proxier.listener_changes()
+        if opened or closed or wrote or full:
+            self._keeper.update(opened, closed, self._state() if wrote or full else None)
         if full:
             await asyncio.to_thread(self.restorer.ensure_jumps, family, steering.builtin_jumps(scfg))
             self._jumps_ensured.add(family)
@@ -119,16 +123,14 @@ class UserspaceMode:
                 return False
         return True
 
+    def _state(self) -> dict[str, Any]:
+        return {str(f): {"digest": _digest(c)} for f, c in self._applied.items()}
+
     async def close(self) -> None:
-        """Hand the listeners to a holder for the next kproxy (see `handover`), then close them;
-        connections already open get a deadline to finish. Steering rules stay until the next
+        """Listeners close (their connections get a deadline to finish) while the keeper keeps
+        them open for the next kproxy (see `handover`); steering rules stay until the next
         kproxy adopts them or `kproxy cleanup` removes them."""
-        sockets = {}
-        for proxier in self.proxiers.values():
-            sockets.update(proxier.listening_sockets())
-        state: dict[str, Any] = {str(f): {"digest": _digest(c)} for f, c in self._applied.items()}
-        if sockets:
-            await asyncio.to_thread(handover.hold, sockets, state)
+        self._keeper.close()
         for proxier in self.proxiers.values():
             await proxier.close()
         if self._received is not None:

@@ -105,6 +105,8 @@ class UserspaceProxier:
         self._ports: dict[ServicePortName, _Port] = {}
         self._external: dict[ServicePortName, _Port] = {}
         self._inherited: dict[str, socket.socket] = {}
+        self._opened: dict[str, socket.socket] = {}
+        self._closed: list[str] = []
         self._lock = asyncio.Lock()
 
     # -- queries
@@ -141,15 +143,12 @@ class UserspaceProxier:
         them and the connections waiting in their accept queues all carry over."""
         self._inherited.update(sockets)
 
-    def listening_sockets(self) -> dict[str, socket.socket]:
-        """Every open listener by `listener_key`, to hand over to the next kproxy."""
-        out: dict[str, socket.socket] = {}
-        for table in (self._ports, self._external):
-            for name, p in table.items():
-                sock = _listening_socket(p)
-                if sock is not None:
-                    out[listener_key(name, p.sp, p.role, self.bind_ip)] = sock
-        return out
+    def listener_changes(self) -> tuple[dict[str, socket.socket], list[str]]:
+        """Listeners opened and closed (by `listener_key`) since the last call, for the keeper
+        that hands them to the next kproxy: what a sync changed, never the whole set."""
+        opened, closed = self._opened, self._closed
+        self._opened, self._closed = {}, []
+        return opened, closed
 
     # -- sync
 
@@ -309,6 +308,9 @@ class UserspaceProxier:
             algorithm=balancer.algorithm,
             inherited=inherited is not None,
         )
+        sock = _listening_socket(p)
+        if sock is not None:
+            self._opened[listener_key(name, sp, role, self.bind_ip)] = sock
         return p
 
     def _reactor_on(self, loop: asyncio.AbstractEventLoop) -> Reactor:
@@ -318,6 +320,9 @@ class UserspaceProxier:
 
     def _close_port(self, name: ServicePortName, p: _Port) -> None:
         """Stop accepting; connections already open run to their natural end."""
+        key = listener_key(name, p.sp, p.role, self.bind_ip)
+        if self._opened.pop(key, None) is None:
+            self._closed.append(key)
         if p.server is not None:
             p.server.close()
         if p.udp is not None:
