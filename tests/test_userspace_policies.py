@@ -9,6 +9,7 @@ cannot keep the client address), so unlike the kernel tests these do not check t
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from typing import Any
 import pytest
 
 from kproxy.backends.userspace import handover
+from tests import httpclient
 from tests.cluster import Agent, agent_args
 from tests.conftest import REQUIRED, privileged_missing
+from tests.httpclient import Got
 from tests.netns import FAMILIES, Family, Proto, Reply, Topology, entered, netns_guard, request, sample
 
 pytestmark = pytest.mark.privileged
@@ -50,13 +53,30 @@ class Svc:
     external_local: bool = False
     internal_local: bool = False
     load_balancer: bool = False
+    health_check: int = 0
 
 
 SERVICES = {
     s.name: s
     for s in (
-        Svc("local", 15, (Ep("pod-1"), Ep("pod-3", remote=True)), node_port=30015, external_local=True),
-        Svc("local-none", 22, (Ep("pod-3", remote=True),), node_port=30022, external_local=True),
+        Svc(
+            "local",
+            15,
+            (Ep("pod-1"), Ep("pod-3", remote=True)),
+            node_port=30015,
+            external_local=True,
+            load_balancer=True,
+            health_check=32015,
+        ),
+        Svc(
+            "local-none",
+            22,
+            (Ep("pod-3", remote=True),),
+            node_port=30022,
+            external_local=True,
+            load_balancer=True,
+            health_check=32022,
+        ),
         Svc("local-none-udp", 23, (Ep("pod-3", remote=True),), "udp", 53, 30023, external_local=True),
         Svc("internal-local", 24, (Ep("pod-1"), Ep("pod-2", remote=True)), internal_local=True),
         Svc("internal-none", 25, (Ep("pod-2", remote=True),), internal_local=True),
@@ -118,6 +138,8 @@ def manifest(topo: Topology) -> list[dict[str, Any]]:
             spec["externalTrafficPolicy"] = "Local" if svc.external_local else "Cluster"
         if svc.internal_local:
             spec["internalTrafficPolicy"] = "Local"
+        if svc.health_check:
+            spec["healthCheckNodePort"] = svc.health_check
         status: dict[str, Any] = {}
         if svc.load_balancer:
             client = topo.client_hosts[0]
@@ -243,6 +265,20 @@ def test_external_policy_local_without_local_endpoints_drops_outside_traffic(lab
     # the cluster IP still reaches the remote endpoint, from outside too
     inside = sample(lab.ns("client"), lab.vip(svc.name), svc.port, proto, limit=3)
     assert [r.name for r in inside] == ["pod-3"] * 3, lab.why(inside)
+
+
+def test_health_check_node_port_reflects_local_endpoints(lab: Lab) -> None:
+    """What a cloud load balancer asks before it sends a node external traffic."""
+
+    async def get(port: int) -> Got:
+        return await httpclient.get(port, "/healthz", host=lab.node_ip())
+
+    got = {}
+    for name in ("local", "local-none"):
+        with entered(lab.ns("client")):
+            got[name] = asyncio.run(get(SERVICES[name].health_check))
+    assert got["local"].status == 200 and got["local"].json()["localEndpoints"] > 0, got
+    assert got["local-none"].status == 503 and got["local-none"].json()["localEndpoints"] == 0, got
 
 
 def test_internal_policy_local_reaches_only_local_endpoints(lab: Lab) -> None:
