@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -85,8 +86,9 @@ class Keeper:
             if state is not None:
                 chan.sendall(json.dumps({"state": dict(state)}).encode())
         except OSError as e:
+            # Service is unaffected; only the next restart loses its handover, hence a warning.
             self._failed = True
-            log.error("userspace_keeper_failed", error=repr(e), effect="the next restart opens new listeners")
+            log.warn("userspace_keeper_failed", error=repr(e), effect="the next restart opens new listeners")
             self.close()
 
     def close(self) -> None:
@@ -231,6 +233,7 @@ def _offer(held: dict[str, socket.socket], state: dict[str, Any], timeout: float
             conn, _ = srv.accept()
         except TimeoutError:
             continue
+        srv.close()  # one successor: a later connect is refused, not left waiting
         with conn:
             try:
                 for i in range(0, len(keys), _BATCH):
@@ -240,10 +243,16 @@ def _offer(held: dict[str, socket.socket], state: dict[str, Any], timeout: float
                         body["state"] = state
                     socket.send_fds(conn, [json.dumps(body).encode()], [held[k].fileno() for k in part])
             except OSError as e:
-                log.warn("userspace_keeper_send_failed", error=repr(e))
-                continue
+                log.warn("userspace_keeper_send_failed", listeners=len(keys), error=repr(e))
         return
 
 
+def _log_format() -> str:
+    """The format kproxy logs in, so the keeper's few lines (it shares stderr) read the same."""
+    handlers = logging.getLogger("kproxy").handlers
+    return "json" if handlers and isinstance(handlers[0].formatter, log.JsonFormatter) else "text"
+
+
 if __name__ == "__main__":
+    log.setup("INFO", sys.argv[3] if len(sys.argv) > 3 else "text")
     sys.exit(_keep(int(sys.argv[1]), float(sys.argv[2])))
