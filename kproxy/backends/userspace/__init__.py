@@ -27,7 +27,14 @@ which the parser copies to `Service.lb_algorithm` and the view to
 `sessionAffinity: ClientIP` (with its timeout) applies on top of any algorithm: a client
 that has an endpoint keeps it while the endpoint exists and the client keeps using it.
 
-Modules: `balancer` (endpoint choice, pure), `rawtcp` (default TCP/SCTP engine: plain
+Traffic policies are the kernel modes': `proxier.choose` takes each port's endpoints from
+`state.topology` (internal Local, zone hints, terminating fallback); under
+externalTrafficPolicy Local a port has a second listener with only node-local endpoints,
+and `steering` drops or rejects what a listener has no endpoint for and enforces
+loadBalancerSourceRanges. Listeners survive restarts: `handover` keeps them open in a
+keeper process for the next kproxy, which adopts the portal rules that point at them.
+
+Modules: `balancer` (endpoint choice, pure), `handover` (the listener keeper), `rawtcp` (default TCP/SCTP engine: plain
 sockets, own epoll set, splice for bulk), `tcp` (uvloop Protocol engine, and the shared
 `Gate`/`Hooks`), `udp`, `sctp` (kernel support probe), `proxier`, `steering` (nat rules,
 pure), `bench_server` (standalone runner for benchmarks).
