@@ -127,6 +127,12 @@ def add_dry_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="exit 1 when any object was skipped (default off: skipped objects are only reported)",
     )
     p.add_argument(
+        "--proxy-mode",
+        choices=("iptables", "nftables"),
+        default="iptables",
+        help="print iptables-restore input (default) or an `nft -f` script",
+    )
+    p.add_argument(
         "--explain",
         type=_service_key,
         metavar="NAMESPACE/NAME",
@@ -379,6 +385,11 @@ def cmd_dry_run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
 
     rendered: Family = args.ip_family or 4
     (cfg,) = dry_run_configs(args, snapshot, [rendered])
+    if args.proxy_mode == "nftables":
+        from kproxy.backends.nftables.render import render_snapshot as nft_snapshot
+
+        out.write(nft_snapshot(view(snapshot, args.node_name, rendered), cfg))
+        return skipped
     out.write(render_snapshot(view(snapshot, args.node_name, rendered), cfg))
     return skipped
 

@@ -1,6 +1,6 @@
 """kproxy's rendered rules, loaded into a real kernel, carrying real packets.
 
-One Topology per iptables backend (legacy, nft) and one manifest per family hold every
+One Topology per mode (iptables on legacy, iptables on nft, nftables) and one manifest per family hold every
 service the behaviours need; `kproxy dry-run` renders it, `<backend>-restore` loads it into
 the node namespace, and each test only sends traffic and looks at who answered and which
 client address that pod saw.
@@ -36,6 +36,7 @@ from tests.netns import (
     Proto,
     Reply,
     Topology,
+    exec_in,
     ip_batch,
     netns_guard,
     request,
@@ -49,6 +50,10 @@ __all__ = ["netns_guard"]  # the session-wide namespace safety net, used by the 
 NAMESPACE = "kpt"
 TARGET_PORT = 8080
 OTHER_NODE = "kpt-other-node"
+
+Mode = Backend | Literal["nftables"]
+MODES: tuple[Mode, ...] = (*BACKENDS, "nftables")
+"""iptables mode on each iptables backend, and nftables mode (`kproxy dry-run --proxy-mode nftables`)."""
 
 Cond = Literal["ready", "terminating"]
 
@@ -325,7 +330,7 @@ class Lab:
     """The node of one backend with one family's rules loaded, and who to talk to."""
 
     topo: Topology
-    backend: Backend
+    backend: Mode
     family: Family
     rules_file: Path
 
@@ -357,12 +362,24 @@ class Lab:
 
 @dataclass
 class Node:
-    backend: Backend
+    backend: Mode
     topo: Topology
     manifest: Path
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+def load(topo: Topology, rules: str, mode: Mode, family: Family) -> None:
+    """Load kproxy's rules for one family, and check they are live."""
+    if mode == "nftables":
+        exec_in(topo.node_ns, ["nft", "-f", "-"], input=rules)
+        table = "ip6" if family == 6 else "ip"
+        listed = exec_in(topo.node_ns, ["nft", "list", "table", table, "kube-proxy"]).stdout
+        assert "service-ips" in listed, "nftables rules not live"
+        return
+    topo.load_rules(rules, mode, family)
+    assert "-A KUBE-SERVICES" in topo.save_rules(mode, family), f"rules not live in {mode}"
+
+
+@pytest.fixture(scope="module", params=MODES)
 def node(
     request: pytest.FixtureRequest, netns_guard: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Node]:
@@ -381,14 +398,15 @@ def node(
 def lab(node: Node, request: pytest.FixtureRequest) -> Lab:
     """`node` with kproxy's rules for one family loaded."""
     topo, backend, family = node.topo, node.backend, request.param
-    if os.environ.get("KPROXY_KERNEL_RULES") == "reference":
+    if backend == "nftables":
+        rules = dry_run(node.manifest, topo, family, "--proxy-mode", "nftables")
+    elif os.environ.get("KPROXY_KERNEL_RULES") == "reference":
         rules = reference_rules(topo, family)
     else:
         rules = dry_run(node.manifest, topo, family)
     rules_file = node.manifest.with_name(f"rules-ipv{family}.txt")
     rules_file.write_text(rules)
-    topo.load_rules(rules, backend, family)
-    assert "-A KUBE-SERVICES" in topo.save_rules(backend, family), f"rules not live in {backend}"
+    load(topo, rules, backend, family)
     # the node owns the load-balancer IP, so a packet the firewall fails to drop gets a RST, not silence
     ip_batch(topo.node_ns, [f"addr add {lb_ip(SERVICES['lb'], family)} dev ksvc0 nodad"])
     return Lab(topo, backend, family, rules_file)
@@ -522,17 +540,18 @@ def test_node_port_answers_on_every_node_address_by_default(lab: Lab) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"ipv{f}")
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MODES)
 def test_masquerade_all_and_nodeport_addresses(
-    backend: Backend, family: Family, netns_guard: None, tmp_path: Path
+    backend: Mode, family: Family, netns_guard: None, tmp_path: Path
 ) -> None:
     with Topology(pods=3, clients=1) as topo:
         topo.start_servers([TARGET_PORT])
         path = write_manifest(tmp_path / "manifest.yaml", manifest(topo))
         lan = ",".join(LAN_CIDR[f] for f in FAMILIES)
-        rules = dry_run(path, topo, family, "--masquerade-all", "--nodeport-addresses", lan)
+        mode = ("--proxy-mode", "nftables") if backend == "nftables" else ()
+        rules = dry_run(path, topo, family, "--masquerade-all", "--nodeport-addresses", lan, *mode)
         (tmp_path / "rules.txt").write_text(rules)
-        topo.load_rules(rules, backend, family)
+        load(topo, rules, backend, family)
         lab = Lab(topo, backend, family, tmp_path / "rules.txt")
         pod2 = lab.pod("pod-2")
         from_pod = sample(pod2.ns, lab.vip("single"), 80, limit=3)
