@@ -367,6 +367,10 @@ def make_backend(settings: Settings) -> Backend:
         from kproxy.backends.userspace.mode import UserspaceMode
 
         return UserspaceMode.for_host(settings)
+    if settings.proxy_mode == "nftables":
+        from kproxy.backends.nftables.proxier import NftablesProxier
+
+        return NftablesProxier.for_host(full_sync_period=settings.full_sync_period)
     from kproxy.backends.iptables.proxier import IptablesProxier
 
     return IptablesProxier.for_host(
@@ -389,7 +393,7 @@ def run_agent(settings: Settings) -> int:
         sys.stderr.write(f"kproxy: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
         return 1
     agent = NodeAgent(settings, backend, node_ips=node_addresses(), follow_addresses=True)
-    if settings.proxy_mode == "iptables":
+    if settings.proxy_mode in ("iptables", "nftables"):
         from kproxy.backends.iptables.conntrack import NetlinkConntrack
 
         agent.conntrack = NetlinkConntrack()

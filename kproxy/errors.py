@@ -6,7 +6,8 @@ KproxyError
 ├── StartupError       something `run` needs is missing: exit 1 with one line, before serving
 ├── RestoreError       iptables-restore refused a payload (the next sync is full)
 ├── SourceError        a source (API server, manifest directory) failed
-└── CleanupError       `kproxy cleanup` could not read or remove some of what it owns (exit non-zero)
+├── CleanupError       `kproxy cleanup` could not read or remove some of what it owns (exit non-zero)
+└── NftablesError      an nftables transaction was refused (the next sync is full)
 """
 
 from __future__ import annotations
@@ -73,3 +74,14 @@ class CleanupError(KproxyError):
         self.failures = failures
         """(what: e.g. "iptables-nft IPv6 nat", why: the tool's message)."""
         super().__init__("; ".join(f"{what}: {why}" for what, why in failures))
+
+
+class NftablesError(KproxyError):
+    """An nftables transaction was refused (nothing of it applied; the next sync is full)."""
+
+    def __init__(self, family: int, returncode: int, stderr: str) -> None:
+        self.family = family
+        self.returncode = returncode
+        self.stderr = stderr
+        table = f"{'ip6' if family == 6 else 'ip'} kube-proxy" if family else "nftables"
+        super().__init__(f"{table}: transaction failed (code {returncode}): {stderr.strip()[:2000]}")

@@ -34,8 +34,8 @@ from kproxy.errors import ConfigError
 CONFIG_API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 CONFIG_KIND = "KubeProxyConfiguration"
 DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
-PROXY_MODES = ("iptables", "userspace")
-UNSUPPORTED_MODES = ("ipvs", "nftables", "kernelspace")
+PROXY_MODES = ("iptables", "nftables", "userspace")
+UNSUPPORTED_MODES = ("ipvs", "kernelspace")
 LOGGING_FORMATS = ("text", "json")
 HEALTHZ_PORT = 10256
 METRICS_PORT = 10249
@@ -317,7 +317,7 @@ def _f(path: str, parse: Parser, attr: str = "", *, ptr: bool = False, unsupport
 
 _DUR = parse_duration
 _NO_IPVS = "kproxy has no IPVS mode"
-_NO_NFT = "kproxy has no nftables mode"
+_NO_NFT = "kproxy's nftables mode reads the iptables.* masquerade and sync-period fields (or syncPeriod, minSyncPeriod)"
 _NO_WIN = "kproxy does not run on Windows"
 
 CONFIG_FIELDS: tuple[Field, ...] = (
@@ -657,7 +657,7 @@ FLAGS: tuple[Flag, ...] = (
         "--proxy-mode",
         "proxy_mode",
         _mode,
-        "iptables or userspace (ipvs and nftables: warned, iptables used)",
+        "iptables, nftables or userspace (ipvs: warned, iptables used)",
         "iptables",
         metavar="MODE",
     ),
