@@ -231,7 +231,7 @@ class NftSyncEngine:
         for s in old_sets:
             self.sets.pop(s, None)
         self.sets.update(new_sets)
-        for key, value in elem_del:
+        for key, _value in elem_del:
             del self.elements[key]
         self.elements.update(elem_add)
         for key, who in owners.items():
