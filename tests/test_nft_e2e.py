@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.apiserver_standin import endpoint_slice, node, service
-from tests.cluster import API_IP, Agent, agent_args, http_get, lan_apiserver
+from tests.cluster import API_IP, Agent, Load, Prober, agent_args, http_get, lan_apiserver
 from tests.netns import Reply, Topology, exec_in, netns_guard, request, sample
 
 pytestmark = pytest.mark.privileged
@@ -79,3 +79,45 @@ def test_run_nftables_mode_follows_the_api(netns_guard: None, tmp_path: Path) ->
             assert log.count("event=nftables_synced") >= 3 and log.count("full=True") == 1, log
         finally:
             assert agent.stop() == 0
+
+
+def test_switch_from_iptables_mode_refuses_no_connection(netns_guard: None, tmp_path: Path) -> None:
+    """A node served by iptables mode switches to nftables mode: the new table serves before
+    iptables mode's chains go, and a client opening connections throughout sees no failure."""
+    with Topology(nodes=1, pods=2, clients=1) as topo, lan_apiserver(topo) as api:
+        n = topo.node
+        api.create(node(n.name, pod_cidrs=[n.pod_cidr(4), n.pod_cidr(6)], addresses=[n.ipv4, n.ipv6]))
+        api.create(service("web", NS, cluster_ip=VIP, ports=[("http", 80, "TCP")]))
+        api.create(endpoint_slice("web-1", "web", NS, addresses=[p.ipv4 for p in n.pods], node_name=n.name))
+        topo.start_servers([8080])
+        master = f"http://{API_IP}:{api.port}"
+        old = Agent(topo, n, agent_args(n.name, master=master, families="4"), tmp_path / "iptables")
+        new = Agent(
+            topo,
+            n,
+            agent_args(n.name, master=master, families="4", extra=["--proxy-mode", "nftables"]),
+            tmp_path,
+        )
+        (tmp_path / "iptables").mkdir()
+        client = topo.client_hosts[0].ns
+        try:
+            old.start()
+            old.wait_synced()
+            assert "KUBE-SERVICES" in exec_in(n.ns, ["iptables-nft-save"]).stdout
+            assert old.stop() == 0
+            with Load([Prober(client, VIP, 80)], []) as load:
+                load.wait_progress(5, 0)
+                new.start()
+                new.wait_synced()
+                for _ in range(200):  # bounded: the old chains go right after the first full sync
+                    if "KUBE-SERVICES" not in exec_in(n.ns, ["iptables-nft-save"]).stdout:
+                        break
+                    time.sleep(0.05)
+                load.wait_progress(5, 0)
+            assert load.failures() == []
+            assert "KUBE-SERVICES" not in exec_in(n.ns, ["iptables-nft-save"]).stdout, new.tail()
+            assert "event=iptables_mode_rules_removed" in new.log_text()
+            assert {r.name for r in sample(client, VIP, 80, limit=3)} <= {"pod-1", "pod-2"}
+        finally:
+            old.stop()
+            new.stop()
