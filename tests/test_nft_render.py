@@ -18,6 +18,9 @@ from kproxy.backends.nftables.render import (
     HAIRPIN,
     NO_ENDPOINT_NODEPORTS,
     NO_ENDPOINT_SERVICES,
+    PLAIN_CLUSTER_IPS,
+    PLAIN_EXTERNAL_IPS,
+    PLAIN_NODEPORTS,
     SERVICE_IPS,
     SERVICE_NODEPORTS,
     PortObjects,
@@ -42,8 +45,10 @@ def kinds(po: PortObjects) -> list[str]:
 
 
 def elements(po: PortObjects) -> set[tuple[str, str, str]]:
-    """(map, key, verdict kind) with the chain hash left out."""
-    return {(m, k, v.split("-", 1)[0]) for m, k, v in po.elements if m != HAIRPIN}
+    """(map, key, value) with chain names cut to their kind ("goto service")."""
+    return {
+        (m, k, v.split("-", 1)[0] if v.startswith("goto") else v) for m, k, v in po.elements if m != HAIRPIN
+    }
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,20 @@ class Case:
 
 CASES = [
     Case(
-        "cluster-ip",
+        "cluster-ip-is-elements-only",
         SP,
         (LOCAL, REMOTE),
+        [],
+        {
+            (PLAIN_CLUSTER_IPS, "10.96.0.10 . tcp . 80", ""),
+            ("endpoints-2", "10.96.0.10 . tcp . 80 . 0", "10.244.1.11 . 8080"),
+            ("endpoints-2", "10.96.0.10 . tcp . 80 . 1", "10.244.2.12 . 8080"),
+        },
+    ),
+    Case(
+        "many-endpoints-get-a-chain",
+        SP,
+        tuple(Endpoint(f"10.244.3.{i}", 8080) for i in range(1, 18)),
         ["service"],
         {(SERVICE_IPS, "10.96.0.10 . tcp . 80", "goto service")},
     ),
@@ -74,13 +90,26 @@ CASES = [
         },
     ),
     Case(
-        "node-port-cluster-policy-is-one-chain",
+        "node-port-and-external-ip-are-elements-only",
         replace(SP, node_port=30080, external_ips=("192.0.2.1",)),
-        (LOCAL, REMOTE),
-        ["service"],
+        (LOCAL,),
+        [],
+        {
+            (PLAIN_CLUSTER_IPS, "10.96.0.10 . tcp . 80", ""),
+            ("endpoints-1", "10.96.0.10 . tcp . 80 . 0", "10.244.1.11 . 8080"),
+            (PLAIN_EXTERNAL_IPS, "192.0.2.1 . tcp . 80", ""),
+            ("endpoints-1", "192.0.2.1 . tcp . 80 . 0", "10.244.1.11 . 8080"),
+            (PLAIN_NODEPORTS, "tcp . 30080", ""),
+            ("nodeport-endpoints-1", "tcp . 30080 . 0", "10.244.1.11 . 8080"),
+        },
+    ),
+    Case(
+        "node-port-with-affinity",
+        replace(SP, node_port=30080, affinity_timeout=60),
+        (LOCAL,),
+        ["endpoint", "service"],
         {
             (SERVICE_IPS, "10.96.0.10 . tcp . 80", "goto service"),
-            (SERVICE_IPS, "192.0.2.1 . tcp . 80", "goto service"),
             (SERVICE_NODEPORTS, "tcp . 30080", "goto service"),
         },
     ),
@@ -135,11 +164,14 @@ CASES = [
             load_balancer_source_ranges=("203.0.113.0/24",),
         ),
         (LOCAL,),
-        ["service", "firewall"],
+        ["firewall"],
         {
-            (SERVICE_IPS, "10.96.0.10 . tcp . 80", "goto service"),
-            (SERVICE_IPS, "198.51.100.7 . tcp . 80", "goto service"),
-            (SERVICE_NODEPORTS, "tcp . 30080", "goto service"),
+            (PLAIN_CLUSTER_IPS, "10.96.0.10 . tcp . 80", ""),
+            ("endpoints-1", "10.96.0.10 . tcp . 80 . 0", "10.244.1.11 . 8080"),
+            (PLAIN_EXTERNAL_IPS, "198.51.100.7 . tcp . 80", ""),
+            ("endpoints-1", "198.51.100.7 . tcp . 80 . 0", "10.244.1.11 . 8080"),
+            (PLAIN_NODEPORTS, "tcp . 30080", ""),
+            ("nodeport-endpoints-1", "tcp . 30080 . 0", "10.244.1.11 . 8080"),
             (FIREWALL_IPS, "198.51.100.7 . tcp . 80", "goto firewall"),
         },
     ),
@@ -154,18 +186,23 @@ def test_port_objects(case: Case) -> None:
 
 
 def test_service_chain_masquerades_outside_traffic_and_spreads_over_endpoints() -> None:
-    ((_, rules),) = render_port(SP, (LOCAL, REMOTE), CFG).chains
+    """Internal traffic policy Local: the chain path (a chain of rules, no anonymous sets)."""
+    sp = replace(SP, internal_local=True)
+    eps = (LOCAL, replace(REMOTE, ip="10.244.1.14", is_local=True))
+    ((_, rules),) = render_port(sp, eps, CFG).chains
     assert rules == (
         "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
-        "meta l4proto tcp dnat ip to numgen random mod 2 map { 0 : 10.244.1.11 . 8080, 1 : 10.244.2.12 . 8080 }",
+        "numgen random mod 2 0 meta l4proto tcp dnat to 10.244.1.11:8080",
+        "meta l4proto tcp dnat to 10.244.1.14:8080",
     )
 
 
 def test_terminating_endpoints_serve_only_when_none_is_ready() -> None:
-    ((_, rules),) = render_port(SP, (LOCAL, TERMINATING), CFG).chains
-    assert rules[-1] == "meta l4proto tcp dnat to 10.244.1.11:8080"
-    ((_, rules),) = render_port(SP, (TERMINATING,), CFG).chains
-    assert rules[-1] == "meta l4proto tcp dnat to 10.244.1.13:8080"
+    def targets(eps: tuple[Endpoint, ...]) -> set[str]:
+        return {v for m, _, v in render_port(SP, eps, CFG).elements if m.startswith("endpoints-")}
+
+    assert targets((LOCAL, TERMINATING)) == {"10.244.1.11 . 8080"}
+    assert targets((TERMINATING,)) == {"10.244.1.13 . 8080"}
 
 
 def test_every_endpoint_is_a_hairpin_pair() -> None:
@@ -179,8 +216,8 @@ def test_every_endpoint_is_a_hairpin_pair() -> None:
 def test_two_services_claiming_one_external_ip_do_not_conflict() -> None:
     """The first in name order wins the map element; the other's rules still exist."""
     other = replace(SP, name=ServicePortName("demo", "zzz", "http", "TCP"), cluster_ip="10.96.0.11")
-    a = render_port(replace(SP, external_ips=("192.0.2.1",)), (LOCAL,), CFG)
-    b = render_port(replace(other, external_ips=("192.0.2.1",)), (REMOTE,), CFG)
+    a = render_port(replace(SP, external_ips=("192.0.2.1",), affinity_timeout=5), (LOCAL,), CFG)
+    b = render_port(replace(other, external_ips=("192.0.2.1",), affinity_timeout=5), (REMOTE,), CFG)
     winner = effective_elements([a, b])[(SERVICE_IPS, "192.0.2.1 . tcp . 80")]
     assert winner == dict(((m, k), v) for m, k, v in a.elements)[(SERVICE_IPS, "192.0.2.1 . tcp . 80")]
 
@@ -191,17 +228,20 @@ def test_ipv6_table() -> None:
     script = render_snapshot({NAME: (sp, (Endpoint("fd00:10:244:1::b", 8080),))}, cfg6)
     assert "table ip6 kube-proxy {" in script
     assert "type ipv6_addr . inet_proto . inet_service : verdict" in script
-    assert "meta l4proto tcp dnat to [fd00:10:244:1::b]:8080" in script
+    assert "fd00:10:96::a . tcp . 80 . 0 : fd00:10:244:1::b . 8080" in script
+    assert "dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 1 map @endpoints-1" in script
 
 
-def test_chain_count_is_one_per_service_port() -> None:
-    """The layout's point: 1,000 plain services are 1,000 chains (plus the fixed ones)."""
+def test_plain_services_are_no_chains_at_all() -> None:
+    """The layout's point: 1,000 node-port services of 10 endpoints add no chain (only the
+    fixed ones exist); 1,000 with ClientIP affinity are one chain each plus one per endpoint."""
     view = {}
     for i in range(1000):
         name = ServicePortName("bench", f"svc-{i}", "http", "TCP")
         eps = tuple(Endpoint(f"10.100.{i // 250}.{i % 250}", 8080 + j) for j in range(10))
         view[name] = (ServicePort(name, 4, f"10.96.{i // 250}.{i % 250 + 1}", 80, node_port=30000 + i), eps)
-    script = render_snapshot(view, CFG)
-    chains = re.findall(r"^\tchain (\S+) \{", script, re.M)
-    assert len([c for c in chains if c.startswith("service-") and "-bench/svc-" in c]) == 1000
-    assert len(chains) == 1000 + 15
+    chains = re.findall(r"^\tchain (\S+) \{", render_snapshot(view, CFG), re.M)
+    assert len(chains) == 15
+    sticky = {n: (replace(sp, affinity_timeout=60), eps) for n, (sp, eps) in view.items()}
+    chains = re.findall(r"^\tchain (\S+) \{", render_snapshot(sticky, CFG), re.M)
+    assert len(chains) == 15 + 1000 * 11

@@ -50,8 +50,21 @@ NODEPORT_IPS = "nodeport-ips"
 MARK_MASQ = "mark-for-masquerade"
 REJECT_CHAIN = "reject-chain"
 
-MAPS = (SERVICE_IPS, SERVICE_NODEPORTS, NO_ENDPOINT_SERVICES, NO_ENDPOINT_NODEPORTS, FIREWALL_IPS)
-"""The shared maps ports put elements into (with the hairpin set)."""
+PLAIN_CLUSTER_IPS = "plain-cluster-ips"
+PLAIN_EXTERNAL_IPS = "plain-external-ips"
+PLAIN_NODEPORTS = "plain-nodeports"
+MAX_PLAIN_ENDPOINTS = 16
+"""Services with up to this many endpoints (and no feature needing a chain) are map elements only."""
+
+
+def endpoints_map(n: int) -> str:
+    """Address . protocol . port . index -> endpoint, for services of `n` endpoints."""
+    return f"endpoints-{n}"
+
+
+def nodeport_endpoints_map(n: int) -> str:
+    return f"nodeport-endpoints-{n}"
+
 
 View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 
@@ -122,6 +135,14 @@ def render_port(sp: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderCon
     v6 = cfg.family == 6
     lb_ranges = tuple(c for c in sp.load_balancer_source_ranges if (":" in c) == v6)
     uses_fw = has_any and bool(sp.load_balancer_ips) and bool(lb_ranges)
+    if (
+        not sp.affinity_timeout
+        and not sp.internal_local
+        and not ext_local
+        and has_any
+        and 0 < len(sel.cluster) <= MAX_PLAIN_ENDPOINTS
+    ):
+        return _plain(sp, sel.cluster, sel.reachable, lb_ranges if uses_fw else (), cfg, base)
     local_cidr = _local_cidr(cfg)
     target = "drop" if has_any else f"goto {REJECT_CHAIN}"
 
@@ -158,10 +179,11 @@ def render_port(sp: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderCon
                 return [*rules, f"goto {ep_chain[eps[0]]}"]
             vmap = ", ".join(f"{i} : goto {ep_chain[ep]}" for i, ep in enumerate(eps))
             return [*rules, f"numgen random mod {n} vmap {{ {vmap} }}"]
-        if n == 1:
-            return [f"meta l4proto {proto} dnat to {_hostport(eps[0])}"]
-        choices = ", ".join(f"{i} : {ep.ip} . {ep.port}" for i, ep in enumerate(eps))
-        return [f"meta l4proto {proto} dnat {fam} to numgen random mod {n} map {{ {choices} }}"]
+        rules = [
+            f"numgen random mod {n - i} 0 meta l4proto {proto} dnat to {_hostport(ep)}"
+            for i, ep in enumerate(eps[:-1])
+        ]
+        return [*rules, f"meta l4proto {proto} dnat to {_hostport(eps[-1])}"]
 
     def masquerade() -> list[str]:
         """Cluster IP traffic from outside the pod network (or all, with masquerade-all) is marked."""
@@ -222,6 +244,50 @@ def render_port(sp: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderCon
     return PortObjects(tuple(chains), tuple(sets), tuple(elements))
 
 
+def _plain(
+    sp: ServicePort,
+    eps: tuple[Endpoint, ...],
+    reachable: tuple[Endpoint, ...],
+    lb_ranges: tuple[str, ...],
+    cfg: RenderConfig,
+    base: str,
+) -> PortObjects:
+    """A service that needs no chain: every address of it is a map element, each endpoint
+    an element per address, so any change to it is element updates only (no chain the
+    kernel must re-validate the table for)."""
+    fam, _ = family_words(cfg.family)
+    proto = sp.protocol.lower()
+    n = len(eps)
+    emap, npmap = endpoints_map(n), nodeport_endpoints_map(n)
+    targets = [f"{ep.ip} . {ep.port}" for ep in eps]
+    chains: list[tuple[str, tuple[str, ...]]] = []
+    elements: list[Element] = []
+
+    def add_address(set_name: str, ip: str) -> None:
+        key = f"{ip} . {proto} . {sp.port}"
+        elements.append((set_name, key, ""))
+        elements.extend((emap, f"{key} . {i}", t) for i, t in enumerate(targets))
+
+    add_address(PLAIN_CLUSTER_IPS, sp.cluster_ip)
+    for ip in (*sp.external_ips, *sp.load_balancer_ips):
+        add_address(PLAIN_EXTERNAL_IPS, ip)
+    if sp.node_port:
+        key = f"{proto} . {sp.node_port}"
+        elements.append((PLAIN_NODEPORTS, key, ""))
+        elements.extend((npmap, f"{key} . {i}", t) for i, t in enumerate(targets))
+    if lb_ranges:
+        fw_chain = f"firewall-{base}"
+        allowed = list(lb_ranges)
+        if _in_any(cfg.node_ip, lb_ranges):
+            allowed += sp.load_balancer_ips
+        chains.append((fw_chain, (f"{fam} saddr != {{ {', '.join(allowed)} }} drop",)))
+        elements += [
+            (FIREWALL_IPS, f"{ip} . {proto} . {sp.port}", f"goto {fw_chain}") for ip in sp.load_balancer_ips
+        ]
+    elements += [(HAIRPIN, f"{ep.ip} . {ep.ip}", "") for ep in reachable]
+    return PortObjects(tuple(chains), (), tuple(elements))
+
+
 # ------------------------------------------------------------------ the table
 
 
@@ -245,6 +311,37 @@ def fixed_part(cfg: RenderConfig) -> str:
         f"\tmap {FIREWALL_IPS} {{ type {service_key} : verdict; }}",
         f"\tset {HAIRPIN} {{ type {addr_type} . {addr_type}; }}",
     ]
+    lines += [
+        f"\tset {PLAIN_CLUSTER_IPS} {{ type {service_key}; }}",
+        f"\tset {PLAIN_EXTERNAL_IPS} {{ type {service_key}; }}",
+        f"\tset {PLAIN_NODEPORTS} {{ type inet_proto . inet_service; }}",
+    ]
+    dnat_rules: list[str] = []
+    nodeport_rules: list[str] = []
+    for n in range(1, MAX_PLAIN_ENDPOINTS + 1):
+        pick = f"numgen random mod {n}"
+        lines.append(
+            f"\tmap {endpoints_map(n)} {{ typeof {fam} daddr . meta l4proto . th dport . {pick} : "
+            f"{fam} daddr . th dport; }}"
+        )
+        lines.append(
+            f"\tmap {nodeport_endpoints_map(n)} {{ typeof meta l4proto . th dport . {pick} : {fam} daddr . th dport; }}"
+        )
+        dnat_rules.append(
+            f"dnat {fam} to {fam} daddr . meta l4proto . th dport . {pick} map @{endpoints_map(n)}"
+        )
+        nodeport_rules.append(
+            f"{nodeports} dnat {fam} to meta l4proto . th dport . {pick} map @{nodeport_endpoints_map(n)}"
+        )
+    mark_rule = f"meta mark set meta mark or {mark}"
+    local_cidr = _local_cidr(cfg)
+    plain_masq = []
+    cluster_match = f"{fam} daddr . meta l4proto . th dport @{PLAIN_CLUSTER_IPS}"
+    if cfg.masquerade_all:
+        plain_masq.append(f"{cluster_match} {mark_rule}")
+    elif local_cidr:
+        plain_masq.append(f"{cluster_match} {fam} saddr != {local_cidr} {mark_rule}")
+    plain_masq.append(f"{fam} daddr . meta l4proto . th dport @{PLAIN_EXTERNAL_IPS} {mark_rule}")
     ips = [ip for ip in cfg.nodeport_ips or () if not ipaddress.ip_address(ip).is_loopback]
     elems = f" elements = {{ {', '.join(ips)} }};" if ips else ""
     lines.append(f"\tset {NODEPORT_IPS} {{ type {addr_type};{elems} }}")
@@ -305,7 +402,11 @@ def fixed_part(cfg: RenderConfig) -> str:
             "",
             [
                 f"{fam} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",
+                *plain_masq,
+                *dnat_rules,
                 f"{nodeports} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
+                f"{nodeports} meta l4proto . th dport @{PLAIN_NODEPORTS} {mark_rule}",
+                *nodeport_rules,
             ],
         ),
     ]
