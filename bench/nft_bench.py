@@ -54,7 +54,9 @@ def entry(i: int, count: int) -> tuple[ServicePort, tuple[Endpoint, ...]]:
     eps = []
     for j in range(count):
         n = i * 32 + j
-        eps.append(Endpoint(f"10.{100 + n // 65536}.{n // 256 % 256}.{n % 256}", 8080))
+        eps.append(
+            Endpoint(f"10.{100 + n // 65536}.{n // 256 % 256}.{n % 256}", 8080, node_name=f"node-{n % 100}")
+        )
     sp = ServicePort(port_name(i), 4, f"172.{16 + i // 65536}.{i // 256 % 256}.{i % 256}", 80, node_port=0)
     return sp, tuple(sorted(eps, key=lambda e: e.hostport))
 

@@ -35,7 +35,7 @@ CFG = render_config(4, "node-a", cluster_cidr=("10.244.0.0/16",), node_ips=("192
 NAME = ServicePortName("demo", "web", "http", "TCP")
 SP = ServicePort(NAME, 4, "10.96.0.10", 80)
 LOCAL = Endpoint("10.244.1.11", 8080, is_local=True)
-REMOTE = Endpoint("10.244.2.12", 8080)
+REMOTE = Endpoint("10.244.2.12", 8080, node_name="node-b")
 TERMINATING = Endpoint("10.244.1.13", 8080, ready=False, serving=True, terminating=True, is_local=True)
 
 
@@ -205,11 +205,13 @@ def test_terminating_endpoints_serve_only_when_none_is_ready() -> None:
     assert targets((TERMINATING,)) == {"10.244.1.13 . 8080"}
 
 
-def test_every_endpoint_is_a_hairpin_pair() -> None:
-    po = render_port(SP, (LOCAL, REMOTE), CFG)
+def test_endpoints_that_can_loop_back_through_this_node_are_hairpin_pairs() -> None:
+    """This node's endpoints, and those of unknown node; a pod elsewhere is its own node's job."""
+    unknown = Endpoint("10.244.3.3", 8080)
+    po = render_port(SP, (LOCAL, REMOTE, unknown), CFG)
     assert {k for m, k, _ in po.elements if m == HAIRPIN} == {
         "10.244.1.11 . 10.244.1.11",
-        "10.244.2.12 . 10.244.2.12",
+        "10.244.3.3 . 10.244.3.3",
     }
 
 

@@ -41,6 +41,9 @@ class Recorder:
             raise NftablesError(family, 1, "Error: Could not process rule: No such file or directory")
         self.scripts.append(script)
 
+    def table_present(self, family: int) -> bool:
+        return bool(self.scripts)
+
 
 @pytest.fixture
 def engine() -> tuple[NftSyncEngine, Recorder, View]:
@@ -240,3 +243,16 @@ def test_refused_transaction_leaves_the_previous_table_serving(two_nodes: tuple[
     assert result.full
     NftSyncEngine(CFG, NftCommand(["ip", "netns", "exec", fresh_ns, "nft"])).sync(view, None)
     assert normalised(ns) == normalised(fresh_ns)
+
+
+@pytest.mark.privileged
+def test_flushed_ruleset_is_rewritten_at_the_next_sync(two_nodes: tuple[str, str]) -> None:
+    ns, _ = two_nodes
+    eng = NftSyncEngine(CFG, NftCommand(["ip", "netns", "exec", ns, "nft"]))
+    view = cluster(5, 2)
+    eng.sync(view, None)
+    before = normalised(ns)
+    exec_in(ns, ["nft", "flush", "ruleset"])
+    result = eng.sync(view, set())
+    assert result.full and result.reason == "tampered"
+    assert normalised(ns) == before

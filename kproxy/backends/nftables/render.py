@@ -12,7 +12,8 @@ measurements): the number of chains, and what a write makes the tool read back.
   endpoints. No chain per endpoint.
 * Hairpin (a pod reaching itself through its service) is masqueraded in postrouting
   by one set of endpoint address pairs (`E . E`), looked up after DNAT: no chain per
-  endpoint needed to know who is talking to whom.
+  endpoint needed to know who is talking to whom. Only this node's endpoints can loop
+  back through its rules, so only they get a pair.
 * Only features that need more get more chains: traffic policy Local on the internal
   side (`local-...`) or the external side (`external-...`), load-balancer source
   ranges (`firewall-...`), and ClientIP affinity (per endpoint, an `endpoint-...`
@@ -240,7 +241,7 @@ def render_port(sp: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderCon
             elements.append((SERVICE_NODEPORTS, f"{proto} . {sp.node_port}", f"goto {external}"))
         if not has_external:
             elements.append((NO_ENDPOINT_NODEPORTS, f"{proto} . {sp.node_port}", target))
-    elements += [(HAIRPIN, f"{ep.ip} . {ep.ip}", "") for ep in sel.reachable]
+    elements += _hairpin(sel.reachable)
     return PortObjects(tuple(chains), tuple(sets), tuple(elements))
 
 
@@ -284,8 +285,14 @@ def _plain(
         elements += [
             (FIREWALL_IPS, f"{ip} . {proto} . {sp.port}", f"goto {fw_chain}") for ip in sp.load_balancer_ips
         ]
-    elements += [(HAIRPIN, f"{ep.ip} . {ep.ip}", "") for ep in reachable]
+    elements += _hairpin(reachable)
     return PortObjects(tuple(chains), (), tuple(elements))
+
+
+def _hairpin(eps: tuple[Endpoint, ...]) -> list[Element]:
+    """Pairs for the endpoints that can reach themselves through this node's rules: those on
+    this node (a pod elsewhere is DNATed by its own node), and those whose node is unknown."""
+    return [(HAIRPIN, f"{ep.ip} . {ep.ip}", "") for ep in eps if ep.is_local or not ep.node_name]
 
 
 # ------------------------------------------------------------------ the table

@@ -10,8 +10,9 @@ elements. Unchanged ports cost nothing, so a one-endpoint change costs the same 
 services as at 10,000.
 
 A full sync replaces the whole table in one transaction (`add table; delete table;
-table {...}`): at start, after any failed write, when the config changed, and every
-`full_sync_interval_s`. A failed transaction applies nothing: the previous rules keep
+table {...}`): at start, after any failed write, when the config changed, when the
+table has vanished (a canary set listed before each partial sync, well under a
+millisecond), and every `full_sync_interval_s`. A failed transaction applies nothing: the previous rules keep
 serving, the engine's record is untouched, and the next sync is full, computed from
 the view, so no pending change is lost.
 """
@@ -44,7 +45,8 @@ ElementKey = tuple[str, str]
 class NftSyncResult:
     full: bool
     reason: str
-    """Why the sync was full ("start", "failure", "config", "periodic", "requested"); "" if partial."""
+    """Why the sync was full ("start", "failure", "config", "periodic", "requested", "tampered");
+    "" if partial."""
     chains_written: int
     chains_deleted: int
     elements_written: int
@@ -96,6 +98,9 @@ class NftSyncEngine:
             reason = "requested"
         if not reason and self._clock() - self._last_full >= self.full_sync_interval_s:
             reason = "periodic"
+        if not reason and not self.writer.table_present(self.family):
+            log.warn("nftables_table_missing", family=self.family, table=f"{self.fam} {TABLE}")
+            reason = "tampered"
         try:
             if reason:
                 return self._full(view, reason)
