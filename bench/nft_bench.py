@@ -8,8 +8,13 @@ deleted) runs the mode's own sync engine against the kernel:
 
 - cold full sync: the engine's first sync into the empty namespace (render + write);
 - one endpoint: one service goes from 10 to 11 endpoints, and back (median of --repeat);
+  the same for a service with ClientIP affinity (one of them in the cluster), which needs
+  chains in both modes;
 - new service: one service added, then deleted (each median of --repeat);
-- peak memory: ru_maxrss of the worker.
+- peak memory: ru_maxrss of the worker, and of the biggest tool it ran (nft -f for
+  nftables full syncs, iptables-restore).
+
+Endpoints sit on 100 other nodes (a 100-node cluster seen from one node).
 
 Timings are end to end: from `engine.sync(view, changed)` being called to the kernel write
 returning (render, diff and write; for iptables mode, its canary check too). nftables mode
@@ -29,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +67,16 @@ def entry(i: int, count: int) -> tuple[ServicePort, tuple[Endpoint, ...]]:
     return sp, tuple(sorted(eps, key=lambda e: e.hostport))
 
 
+def sticky_entry(i: int, count: int) -> tuple[ServicePort, tuple[Endpoint, ...]]:
+    """Service i with ClientIP affinity: a chain per endpoint in both modes."""
+    sp, eps = entry(i, count)
+    return replace(sp, affinity_timeout=10800), eps
+
+
 def worker(mode: str, services: int, repeat: int) -> dict[str, Any]:
     view: View = {port_name(i): entry(i, 10) for i in range(services)}
+    sticky = services // 3
+    view[port_name(sticky)] = sticky_entry(sticky, 10)
     engine: NftSyncEngine | SyncEngine
     if mode == "nftables":
         engine = NftSyncEngine(CFG, host_writer())
@@ -75,6 +89,7 @@ def worker(mode: str, services: int, repeat: int) -> dict[str, Any]:
         return time.perf_counter() - t
 
     cold = timed(None)
+    sticky_ep: list[float] = []
     one_ep: list[float] = []
     ep_back: list[float] = []
     new_svc: list[float] = []
@@ -82,6 +97,10 @@ def worker(mode: str, services: int, repeat: int) -> dict[str, Any]:
     target = port_name(services // 2)
     extra = port_name(services + 1)
     for _ in range(repeat):
+        view[port_name(sticky)] = sticky_entry(sticky, 11)
+        sticky_ep.append(timed({port_name(sticky)}))
+        view[port_name(sticky)] = sticky_entry(sticky, 10)
+        timed({port_name(sticky)})
         view[target] = entry(services // 2, 11)
         one_ep.append(timed({target}))
         view[target] = entry(services // 2, 10)
@@ -98,7 +117,9 @@ def worker(mode: str, services: int, repeat: int) -> dict[str, Any]:
         "endpoint_removed_s": statistics.median(ep_back),
         "new_service_s": statistics.median(new_svc),
         "service_deleted_s": statistics.median(del_svc),
+        "affinity_one_endpoint_s": statistics.median(sticky_ep),
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "child_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
 
 
@@ -124,14 +145,15 @@ def ms(x: float) -> str:
 
 def markdown(results: list[dict[str, Any]], meta: str) -> str:
     rows = [
-        "| services x 10 eps | mode | cold full sync | one endpoint | endpoint removed | new service | service deleted | peak MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| services x 10 eps | mode | cold full sync | one endpoint | endpoint removed | new service | service deleted "
+        "| one endpoint, affinity service | peak MB (agent) | peak MB (child tools) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         rows.append(
             f"| {r['services']:,} | {r['mode']} | {ms(r['cold_full_s'])} | {ms(r['one_endpoint_s'])} | "
             f"{ms(r['endpoint_removed_s'])} | {ms(r['new_service_s'])} | {ms(r['service_deleted_s'])} | "
-            f"{r['peak_mb']:.0f} |"
+            f"{ms(r['affinity_one_endpoint_s'])} | {r['peak_mb']:.0f} | {r['child_peak_mb']:.0f} |"
         )
     ratios = [
         "",
