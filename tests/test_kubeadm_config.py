@@ -185,9 +185,11 @@ def test_not_a_kube_proxy_configuration(tmp_path: Path) -> None:
     ("body", "warning"),
     [
         ("mode: ipvs\n", "kproxy has no ipvs mode; running in iptables mode"),
-        ("mode: nftables\n", "kproxy has no nftables mode"),
         ("enableProfiling: true\n", "enableProfiling: kproxy serves no /debug/pprof"),
-        ("nftables:\n  masqueradeBit: 3\n", "nftables.masqueradeBit: kproxy has no nftables mode"),
+        (
+            "nftables:\n  masqueradeBit: 3\n",
+            "nftables.masqueradeBit: kproxy's nftables mode reads the iptables.*",
+        ),
         ("iptables:\n  snatNodeInternalIP: true\n", "iptables.snatNodeInternalIP"),
         ("iptables:\n  surprise: 1\n", "iptables.surprise: unknown field"),
         ("featureGates:\n  Foo: false\n", "feature gate Foo=false"),
@@ -197,6 +199,11 @@ def test_what_kproxy_does_not_do_is_one_warning(tmp_path: Path, body: str, warni
     s = with_config(tmp_path, body)
     assert len(s.warnings) == 1 and warning in s.warnings[0], s.warnings
     assert s.proxy_mode == "iptables"
+
+
+def test_nftables_mode_is_taken(tmp_path: Path) -> None:
+    s = with_config(tmp_path, "mode: nftables\n")
+    assert s.proxy_mode == "nftables" and s.warnings == ()
 
 
 def test_file_wins_over_flags_except_hostname_and_logging(tmp_path: Path) -> None:
