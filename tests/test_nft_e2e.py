@@ -76,7 +76,7 @@ def test_run_nftables_mode_follows_the_api(netns_guard: None, tmp_path: Path) ->
             log = agent.log_text()
             assert "nftables_sync_failed" not in log
             # the changes were partial syncs: one full sync at start only
-            assert log.count("event=nftables_synced") >= 3 and log.count("full=True") == 1, log
+            assert log.count("event=nftables_synced") >= 3 and log.count("full=true") == 1, log
         finally:
             assert agent.stop() == 0
 
