@@ -170,24 +170,43 @@ def two_nodes(netns_guard: None) -> Iterator[tuple[str, str]]:
             delete_netns(ns)
 
 
-def _random_entry(rng: random.Random, i: int) -> tuple[ServicePort, tuple[Endpoint, ...]]:
+CFG6 = render_config(6, "node-a", cluster_cidr=("fd00:10:244::/48",))
+
+
+def _addr(family: int, v4: str) -> str:
+    """The IPv6 twin of an IPv4 test address (same last groups), or the address itself."""
+    if family == 4:
+        return v4
+    a, b, c, d = (int(x) for x in v4.split("."))
+    return f"fd00:{a:x}:{b:x}::{c:x}:{d:x}"
+
+
+def _random_entry(rng: random.Random, i: int, family: int = 4) -> tuple[ServicePort, tuple[Endpoint, ...]]:
     """Service i in one of the shapes whose objects differ: affinity, node port, Local
-    policies, external and load-balancer IPs (some shared between services), 0..4 endpoints."""
+    policies, external and load-balancer IPs (some shared between services), 0..4 or 17
+    endpoints (17: more than a map-only service may have)."""
     sp, _ = service(i, 1)
     sp = replace(
         sp,
+        family=4 if family == 4 else 6,
+        cluster_ip=_addr(family, sp.cluster_ip),
         node_port=30000 + i if rng.random() < 0.4 else 0,
         affinity_timeout=rng.choice([0, 0, 0, 60, 600]),
-        external_ips=("192.0.2.1",) if rng.random() < 0.2 else (),
-        load_balancer_ips=(f"198.51.100.{i % 5}",) if rng.random() < 0.2 else (),
-        load_balancer_source_ranges=("203.0.113.0/24",) if rng.random() < 0.5 else (),
+        external_ips=(_addr(family, "192.0.2.1"),) if rng.random() < 0.2 else (),
+        load_balancer_ips=(_addr(family, f"198.51.100.{i % 5}"),) if rng.random() < 0.2 else (),
+        load_balancer_source_ranges=(
+            ("203.0.113.0/24" if family == 4 else "2001:db8::/64",) if rng.random() < 0.5 else ()
+        ),
     )
     if sp.has_external:
         sp = replace(sp, external_local=rng.random() < 0.4)
     sp = replace(sp, internal_local=rng.random() < 0.15)
     eps = tuple(
         Endpoint(
-            f"10.244.{j % 2}.{(i * 7 + j) % 200 + 1}", 8080, is_local=j % 2 == 0, ready=rng.random() < 0.9
+            _addr(family, f"10.244.{j % 2}.{(i * 7 + j) % 200 + 1}"),
+            8080,
+            is_local=j % 2 == 0,
+            ready=rng.random() < 0.9,
         )
         for j in range(rng.choice([0, 1, 2, 3, 4, 17]))
     )
@@ -195,13 +214,16 @@ def _random_entry(rng: random.Random, i: int) -> tuple[ServicePort, tuple[Endpoi
 
 
 @pytest.mark.privileged
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_partial_syncs_end_equal_to_a_fresh_full_sync(seed: int, two_nodes: tuple[str, str]) -> None:
+@pytest.mark.parametrize(("seed", "family"), [(1, 4), (2, 4), (3, 4), (4, 6), (5, 6)])
+def test_random_partial_syncs_end_equal_to_a_fresh_full_sync(
+    seed: int, family: int, two_nodes: tuple[str, str]
+) -> None:
     partial_ns, fresh_ns = two_nodes
     rng = random.Random(seed)
-    eng = NftSyncEngine(CFG, NftCommand(["ip", "netns", "exec", partial_ns, "nft"]))
+    cfg = CFG if family == 4 else CFG6
+    eng = NftSyncEngine(cfg, NftCommand(["ip", "netns", "exec", partial_ns, "nft"]))
     view: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]] = {
-        port_name(i): _random_entry(rng, i) for i in range(30)
+        port_name(i): _random_entry(rng, i, family) for i in range(30)
     }
     eng.sync(view, None)
     for _ in range(12):
@@ -212,13 +234,14 @@ def test_random_partial_syncs_end_equal_to_a_fresh_full_sync(seed: int, two_node
             if name in view and rng.random() < 0.25:
                 del view[name]
             else:
-                view[name] = _random_entry(rng, i)
+                view[name] = _random_entry(rng, i, family)
             changed.add(name)
         result = eng.sync(view, changed)
         assert not result.full
-    fresh = NftSyncEngine(CFG, NftCommand(["ip", "netns", "exec", fresh_ns, "nft"]))
+    fresh = NftSyncEngine(cfg, NftCommand(["ip", "netns", "exec", fresh_ns, "nft"]))
     fresh.sync(view, None)
-    assert normalised(partial_ns) == normalised(fresh_ns)
+    fam = "ip6" if family == 6 else "ip"
+    assert normalised(partial_ns, fam) == normalised(fresh_ns, fam)
 
 
 @pytest.mark.privileged
