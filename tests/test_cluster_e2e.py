@@ -98,15 +98,19 @@ def _objects(topo: Topology) -> list[dict[str, object]]:
     return objs
 
 
-@pytest.fixture(scope="module")
-def cluster(netns_guard: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    logdir = tmp_path_factory.mktemp("cluster-logs")
+@pytest.fixture(scope="module", params=["iptables", "nftables"])
+def cluster(
+    netns_guard: None, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Cluster]:
+    """The cluster with every agent in one proxy mode (iptables, then nftables)."""
+    logdir = tmp_path_factory.mktemp(f"cluster-logs-{request.param}")
+    mode = ["--proxy-mode", request.param]
     with Topology(nodes=3, pods=2, clients=1) as topo, lan_apiserver(topo) as api:
         for obj in _objects(topo):
             api.create(obj)
         topo.start_servers([8080])
         agents = [
-            Agent(topo, n, agent_args(n.name, master=f"http://{API_IP}:{api.port}"), Path(logdir))
+            Agent(topo, n, agent_args(n.name, master=f"http://{API_IP}:{api.port}", extra=mode), Path(logdir))
             for n in topo.node_hosts
         ]
         try:
