@@ -54,6 +54,10 @@ from tests.netns import (
 )
 from tests.netns import _stop as stop_process
 
+MODES = ("iptables", "nftables")
+MODE = {m: ("--proxy-mode", m) for m in MODES}
+"""Tests of kernel traffic run once per proxy mode that programs the kernel."""
+
 pytestmark = pytest.mark.privileged
 
 __all__ = ["netns_guard"]
@@ -437,7 +441,8 @@ def kernel_vs_expected(ns: str, family: Family, want: dict[tuple[str, str], list
 # ------------------------------------------------------------------ tests
 
 
-def test_service_carries_traffic_and_follows_scale_update_delete(node: Node) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_service_carries_traffic_and_follows_scale_update_delete(mode: str, node: Node) -> None:
     """Create, scale, re-port, empty and delete a Service through the API; clients notice each step
     soon (bounded wait, SOON seconds). Also one dual-stack service: its IPv6 cluster IP works too.
 
@@ -445,7 +450,7 @@ def test_service_carries_traffic_and_follows_scale_update_delete(node: Node) -> 
     (REJECT), service deleted -> nothing matches the cluster IP, and the packet follows the node's
     route for the service range, which leads nowhere: no answer at all."""
     api = node.api()
-    agent = node.agent(api=api)
+    agent = node.agent(*MODE[mode], api=api)
     pod1, pod2, pod3 = node.pod(1), node.pod(2), node.pod(3)
     api.create(svc_obj("web", 1, dual=True))
     api.create(slice_obj("web", [pod1], node.topo.node_name))
@@ -547,13 +552,14 @@ class UdpClient:
         self.sock.close()
 
 
-def test_udp_service_keeps_answering_after_its_only_endpoint_is_replaced(node: Node) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_udp_service_keeps_answering_after_its_only_endpoint_is_replaced(mode: str, node: Node) -> None:
     """The DNS pod is replaced (old one gone, new one elsewhere) while a client keeps asking from the
     same source port. Its conntrack entry still points at the old pod and every query refreshes it,
     so only the agent deleting that stale entry lets the client reach the new pod; the check is that
     it does, soon (bounded wait), with the client's source port unchanged."""
     api = node.api()
-    agent = node.agent(api=api)
+    agent = node.agent(*MODE[mode], api=api)
     old, new = node.pod(1), node.pod(2)
     dns = start_podservers([(old.ns, old.name), (new.ns, new.name)], [5353])
     client = UdpClient(node.client.ns, vip(53), 53)
@@ -865,12 +871,13 @@ class Talker:
             stop.wait(0.02)
 
 
-def test_sigterm_and_restart_drop_no_connection(node: Node) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_sigterm_and_restart_drop_no_connection(mode: str, node: Node) -> None:
     """Established connections through a cluster IP keep exchanging data while the agent is
     SIGTERMed and started again, and new connections made while no agent runs still succeed:
     SIGTERM leaves the rules in place and the new agent's first sync replaces them without a gap."""
     api = node.api()
-    agent = node.agent(api=api)
+    agent = node.agent(*MODE[mode], api=api)
     pod1, pod2 = node.pod(1), node.pod(2)
     servers = [EchoServer(pod1.ns, 9000), EchoServer(pod2.ns, 9000)]
     talkers: list[Talker] = []
@@ -906,7 +913,7 @@ def test_sigterm_and_restart_drop_no_connection(node: Node) -> None:
         assert agent.events("agent_stopped"), agent.tail()
         marks = [t.exchanged for t in talkers]
 
-        again = node.agent(api=api)
+        again = node.agent(*MODE[mode], api=api)
         again.wait_event("synced")
         api.update(slice_obj("who", [pod1], node.topo.node_name))
         node.wait_answer(vip(61), 80, {pod1.name}, again)
@@ -943,7 +950,8 @@ def test_sigterm_and_restart_drop_no_connection(node: Node) -> None:
 # ------------------------------------------------------------------ no cluster
 
 
-def test_manifests_directory_edits_change_the_rules(node: Node, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_manifests_directory_edits_change_the_rules(mode: str, node: Node, tmp_path: Path) -> None:
     """`kproxy run --manifests DIR` with no API server: adding an endpoint, changing a port and
     removing a file each show in the traffic soon after the edit (bounded wait)."""
     manifests = tmp_path / "manifests"
@@ -953,7 +961,7 @@ def test_manifests_directory_edits_change_the_rules(node: Node, tmp_path: Path) 
     write_objects(manifests / "node.yaml", [node_obj(node.topo)])
     app = manifests / "app.yaml"
     write_objects(app, [svc_obj("app", 70), slice_obj("app", [pod1], name)])
-    agent = node.agent("--manifests", str(manifests))
+    agent = node.agent(*MODE[mode], "--manifests", str(manifests))
     node.wait_answer(vip(70), 80, {pod1.name}, agent)
 
     write_objects(app, [svc_obj("app", 70), slice_obj("app", [pod1, pod2], name)])
@@ -971,11 +979,12 @@ def test_manifests_directory_edits_change_the_rules(node: Node, tmp_path: Path) 
     assert agent.alive(), agent.tail()
 
 
-def test_rules_come_back_after_someone_flushes_the_tables(node: Node) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_rules_come_back_after_someone_flushes_the_tables(mode: str, node: Node) -> None:
     """An administrator (or another tool) flushes every table: the agent notices its canary chain
     is gone at its next periodic sync and rewrites everything, with no API change to prompt it."""
     api = node.api()
-    agent = node.agent(api=api)
+    agent = node.agent(*MODE[mode], api=api)
     api.create(svc_obj("canary", 80))
     api.create(slice_obj("canary", [node.pod(3)], node.topo.node_name))
     node.wait_answer(vip(80), 80, {node.pod(3).name}, agent)
