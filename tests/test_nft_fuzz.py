@@ -49,6 +49,10 @@ def test_nft_accepts_every_rendered_table(nft_netns: str, raw: list[dict[str, An
         elements = 0
         for o in listed:
             s = o.get("set") or o.get("map")
-            if s and not s["name"].startswith("affinity-") and s["name"] != "nodeport-ips":
+            if (
+                s
+                and not s["name"].startswith("affinity-")
+                and s["name"] not in ("nodeport-ips", "sync-state")
+            ):
                 elements += len(s.get("elem", []))
         assert elements == len(effective_elements(ports))

@@ -44,6 +44,9 @@ class Recorder:
     def table_present(self, family: int) -> bool:
         return bool(self.scripts)
 
+    def read(self, family: int, command: str) -> str:
+        raise NftablesError(family, 1, "Error: No such file or directory")
+
 
 @pytest.fixture
 def engine() -> tuple[NftSyncEngine, Recorder, View]:
@@ -72,6 +75,8 @@ def test_one_endpoint_change_is_element_updates_only(engine: tuple[NftSyncEngine
     assert [ln.split(" {")[0] for ln in lines] == [
         "delete element ip kube-proxy endpoints-3",
         "add element ip kube-proxy endpoints-4",
+        "delete element ip kube-proxy sync-state",
+        "add element ip kube-proxy sync-state",
     ]
     assert lines[1].count("10.96.0.8 . tcp . 80 . ") == 4
 
@@ -101,7 +106,7 @@ def test_new_and_deleted_services_touch_only_their_elements(
     del view[gone]
     eng.sync(view, {new, gone})
     script = rec.scripts[-1]
-    assert "chain" not in script
+    assert "chain" not in script and script.count("sync-state") == 2
     assert "delete element ip kube-proxy plain-cluster-ips { 10.96.0.4 . tcp . 80 }" in script
     assert "add element ip kube-proxy plain-cluster-ips { 10.96.2.1 . tcp . 80 }" in script
     assert "10.96.0.8 " not in script
@@ -279,3 +284,33 @@ def test_flushed_ruleset_is_rewritten_at_the_next_sync(two_nodes: tuple[str, str
     result = eng.sync(view, set())
     assert result.full and result.reason == "tampered"
     assert normalised(ns) == before
+
+
+@pytest.mark.privileged
+def test_restart_adopts_a_table_that_matches_and_rewrites_one_that_does_not(
+    two_nodes: tuple[str, str],
+) -> None:
+    """A new engine (an agent restart) over the table the previous one left, partial syncs
+    included, writes nothing; with a different view it replaces the table."""
+    ns, _ = two_nodes
+    writer = NftCommand(["ip", "netns", "exec", ns, "nft"])
+    view = cluster(20, 2)
+    first = NftSyncEngine(CFG, writer)
+    first.sync(view, None)
+    view[port_name(3)] = with_endpoints(view[port_name(3)], 3)
+    view[port_name(30)] = service(30, 1)
+    first.sync(view, {port_name(3), port_name(30)})
+    before = normalised(ns)
+
+    restarted = NftSyncEngine(CFG, writer)
+    result = restarted.sync(view, None)
+    assert result.full and result.reason == "adopted" and result.transactions == 0
+    assert normalised(ns) == before
+    # the adopted state is the engine's own: partial syncs go on from it
+    view[port_name(4)] = with_endpoints(view[port_name(4)], 1)
+    assert not restarted.sync(view, {port_name(4)}).full
+
+    view[port_name(5)] = with_endpoints(view[port_name(5)], 4)
+    again = NftSyncEngine(CFG, writer)  # a restart that missed a change: the table is rewritten
+    result = again.sync(view, None)
+    assert result.reason == "start" and result.transactions == 1

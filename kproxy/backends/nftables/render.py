@@ -49,6 +49,9 @@ FIREWALL_IPS = "firewall-ips"
 HAIRPIN = "hairpin-endpoints"
 NODEPORT_IPS = "nodeport-ips"
 MARK_MASQ = "mark-for-masquerade"
+SYNC_STATE = "sync-state"
+"""Holds one element, a digest of everything the table should hold (see the sync engine): a
+restarted agent that computes the same digest adopts the table instead of rewriting it."""
 REJECT_CHAIN = "reject-chain"
 
 PLAIN_CLUSTER_IPS = "plain-cluster-ips"
@@ -352,6 +355,7 @@ def fixed_part(cfg: RenderConfig) -> str:
     ips = [ip for ip in cfg.nodeport_ips or () if not ipaddress.ip_address(ip).is_loopback]
     elems = f" elements = {{ {', '.join(ips)} }};" if ips else ""
     lines.append(f"\tset {NODEPORT_IPS} {{ type {addr_type};{elems} }}")
+    lines.append(f"\tset {SYNC_STATE} {{ type ipv6_addr; }}")
     chains: list[tuple[str, str, list[str]]] = [
         (
             "filter-prerouting",

@@ -19,17 +19,21 @@ the view, so no pending change is lost.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from kproxy import log
 from kproxy.backends.nftables.render import (
+    SYNC_STATE,
     TABLE,
     PortObjects,
     View,
     element_commands,
     family_words,
+    fixed_part,
     render_port,
     table_script,
 )
@@ -59,6 +63,15 @@ class NftSyncResult:
 _EMPTY = PortObjects(())
 
 
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:16], "big")
+
+
+def port_digest(name: ServicePortName, po: PortObjects) -> int:
+    """Stable across processes (unlike hash()): what one port contributes to the table."""
+    return _digest(f"{name!r}{po!r}")
+
+
 class NftSyncEngine:
     """One family's `kube-proxy` table: what is applied, and how to get the kernel to the next view."""
 
@@ -84,6 +97,10 @@ class NftSyncEngine:
         self.owners: dict[ElementKey, dict[ServicePortName, str]] = {}
         self.elements: dict[ElementKey, str] = {}
         """What the kernel holds: the winning value of every owned element."""
+        self.digests: dict[ServicePortName, int] = {}
+        self._xor = 0
+        """XOR of the applied ports' digests: kept per change, so the state digest written with
+        every transaction costs O(changed ports), not a pass over the table."""
 
     def set_config(self, cfg: RenderConfig) -> None:
         if cfg != self.cfg:
@@ -113,16 +130,39 @@ class NftSyncEngine:
 
     # ------------------------------------------------------------------ full
 
+    def _state(self, xor: int) -> str:
+        """The digest of the whole table (config and every port) as the element of SYNC_STATE."""
+        return str(ipaddress.IPv6Address(xor ^ _digest(fixed_part(self.cfg))))
+
+    def _adoptable(self, state: str) -> bool:
+        """At start: the kernel's table was written (last) for exactly this state."""
+        try:
+            listing = self.writer.read(self.family, f"list set {self.fam} {TABLE} {SYNC_STATE}\n")
+        except Exception:  # no table, an old table without the set: rewrite
+            return False
+        return f"{{ {state} }}" in listing
+
     def _full(self, view: View, reason: str) -> NftSyncResult:
         t0 = time.perf_counter()
         cfg = self.cfg
         with gc_paused():
             names = sorted(view, key=port_order)
             ports = [render_port(*view[name], cfg) for name in names]
-            script = table_script(ports, cfg)
+            digests = {name: port_digest(name, po) for name, po in zip(names, ports, strict=True)}
+            xor = 0
+            for d in digests.values():
+                xor ^= d
+            state = self._state(xor)
+            adopt = reason == "start" and self._adoptable(state)
+            script = "" if adopt else table_script(ports, cfg)
+            script += f"add element {self.fam} {TABLE} {SYNC_STATE} {{ {state} }}\n" if not adopt else ""
         t1 = time.perf_counter()
-        self.writer.apply(self.family, script)
+        if not adopt:
+            self.writer.apply(self.family, script)
+        else:
+            log.info("nftables_table_adopted", family=self.family, ports=len(ports))
         t2 = time.perf_counter()
+        self.digests, self._xor = digests, xor
         applied = dict(zip(names, ports, strict=True))
         chains: dict[str, tuple[str, ...]] = {}
         sets: dict[str, str] = {}
@@ -143,6 +183,8 @@ class NftSyncEngine:
         )
         self._full_reason = ""
         self._last_full = self._clock()
+        if adopt:
+            return NftSyncResult(True, "adopted", 0, 0, 0, 0, 0, t1 - t0, t2 - t1)
         return NftSyncResult(True, reason, len(chains), 0, len(elements), len(script), 1, t1 - t0, t2 - t1)
 
     # --------------------------------------------------------------- partial
@@ -219,6 +261,16 @@ class NftSyncEngine:
         for c in (*chain_new, *chain_rewrite):
             out += [f"add rule {tbl} {c} {rule}\n" for rule in new_chains[c]]
         out += element_commands(fam, "add", sorted(elem_add))
+        xor = self._xor
+        digests: dict[ServicePortName, int | None] = {}
+        for name, new in updates.items():
+            xor ^= self.digests.get(name, 0)
+            digests[name] = port_digest(name, new) if new is not None else None
+            xor ^= digests[name] or 0
+        if out or xor != self._xor:
+            tbl_state = f"{tbl} {SYNC_STATE}"
+            out.append(f"delete element {tbl_state} {{ {self._state(self._xor)} }}\n")
+            out.append(f"add element {tbl_state} {{ {self._state(xor)} }}\n")
         script = "".join(out)
         t1 = time.perf_counter()
         if script:
@@ -230,6 +282,12 @@ class NftSyncEngine:
                 self.applied.pop(name, None)
             else:
                 self.applied[name] = new
+        for name, digest in digests.items():
+            if digest is None:
+                self.digests.pop(name, None)
+            else:
+                self.digests[name] = digest
+        self._xor = xor
         for c in chain_del:
             del self.chains[c]
         self.chains.update(new_chains)

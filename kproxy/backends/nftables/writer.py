@@ -38,6 +38,9 @@ class NftWriter(Protocol):
     def table_present(self, family: int) -> bool:
         """Our table of this family exists (someone may have flushed the ruleset)."""
 
+    def read(self, family: int, command: str) -> str:
+        """The output of one listing command; NftablesError when it fails."""
+
 
 class NftCommand:
     """`nft -f -` with the script on stdin (`argv` may wrap it, e.g. in `ip netns exec NS nft`)."""
@@ -62,6 +65,17 @@ class NftCommand:
         except NftablesError:
             return False
         return True
+
+    def read(self, family: int, command: str) -> str:
+        try:
+            res = subprocess.run(
+                [*self.argv, "-f", "-"], input=command, capture_output=True, text=True, timeout=self.timeout_s
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise NftablesError(family, -1, str(e)) from e
+        if res.returncode != 0:
+            raise NftablesError(family, res.returncode, res.stderr)
+        return res.stdout
 
 
 class LibNftables:
@@ -97,13 +111,17 @@ class LibNftables:
             return None
 
     def apply(self, family: int, script: str) -> None:
+        self.read(family, script)
+
+    def read(self, family: int, command: str) -> str:
         with self._lock:
-            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, script.encode())
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
             # Reading a buffer also empties it: without this, they grow with every call.
-            self._lib.nft_ctx_get_output_buffer(self._ctx)
+            out = self._lib.nft_ctx_get_output_buffer(self._ctx) or b""
             err = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
             if rc != 0:
                 raise NftablesError(family, rc, err.decode(errors="replace"))
+            return out.decode(errors="replace")
 
     def table_present(self, family: int) -> bool:
         try:
@@ -129,6 +147,9 @@ class SplitWriter:
 
     def table_present(self, family: int) -> bool:
         return self.small.table_present(family)
+
+    def read(self, family: int, command: str) -> str:
+        return self.small.read(family, command)
 
 
 def host_writer() -> NftWriter:
