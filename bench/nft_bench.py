@@ -11,6 +11,8 @@ deleted) runs the mode's own sync engine against the kernel:
   the same for a service with ClientIP affinity (one of them in the cluster), which needs
   chains in both modes;
 - new service: one service added, then deleted (each median of --repeat);
+- restart: a second engine's first sync over the tables the first one left (same view):
+  what an agent restart costs, adoption included;
 - peak memory: ru_maxrss of the worker, and of the biggest tool it ran (nft -f for
   nftables full syncs, iptables-restore).
 
@@ -109,8 +111,17 @@ def worker(mode: str, services: int, repeat: int) -> dict[str, Any]:
         new_svc.append(timed({extra}))
         del view[extra]
         del_svc.append(timed({extra}))
+    # A restart: a new engine over the tables the previous one left, same view.
+    fresh: NftSyncEngine | SyncEngine
+    fresh = (
+        NftSyncEngine(CFG, host_writer()) if mode == "nftables" else SyncEngine(CFG, CommandRestorer("nft"))
+    )
+    t = time.perf_counter()
+    fresh.sync(view, None)
+    restart = time.perf_counter() - t
     return {
         "mode": mode,
+        "restart_s": restart,
         "services": services,
         "cold_full_s": cold,
         "one_endpoint_s": statistics.median(one_ep),
@@ -146,14 +157,15 @@ def ms(x: float) -> str:
 def markdown(results: list[dict[str, Any]], meta: str) -> str:
     rows = [
         "| services x 10 eps | mode | cold full sync | one endpoint | endpoint removed | new service | service deleted "
-        "| one endpoint, affinity service | peak MB (agent) | peak MB (child tools) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| one endpoint, affinity service | restart (adoption) | peak MB (agent) | peak MB (child tools) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         rows.append(
             f"| {r['services']:,} | {r['mode']} | {ms(r['cold_full_s'])} | {ms(r['one_endpoint_s'])} | "
             f"{ms(r['endpoint_removed_s'])} | {ms(r['new_service_s'])} | {ms(r['service_deleted_s'])} | "
-            f"{ms(r['affinity_one_endpoint_s'])} | {r['peak_mb']:.0f} | {r['child_peak_mb']:.0f} |"
+            f"{ms(r['affinity_one_endpoint_s'])} | {ms(r['restart_s'])} | {r['peak_mb']:.0f} | "
+            f"{r['child_peak_mb']:.0f} |"
         )
     ratios = [
         "",
