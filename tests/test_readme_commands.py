@@ -57,7 +57,7 @@ RULES: tuple[Rule, ...] = (
     Rule(r"kubeadm ", "skip", "needs a kubeadm control-plane node"),
     Rule(r"curl ", "skip", "needs a node agent running in a cluster"),
     Rule(
-        r"kproxy (run|dry-run)( --manifests DIR| --proxy-mode userspace)?$",
+        r"kproxy (run|dry-run)( --manifests DIR| --proxy-mode (userspace|nftables))?$",
         "skip",
         "a fragment in prose, not a whole command line",
     ),
