@@ -128,7 +128,10 @@ def report(request: pytest.FixtureRequest, line: str) -> None:
     """A line on the terminal whatever the capture mode, and in junit's properties."""
     request.node.user_properties.append(("image", line))
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
         reporter.ensure_newline()
         reporter.write_line(f"[image] {line}")
 
@@ -208,6 +211,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
             "--network",
             "none",
             "--layers=false",
+            "--force-rm",
             *ulimits(),
             "--volume",
             f"{wheels}:/wheelhouse:ro",
