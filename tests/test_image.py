@@ -44,7 +44,8 @@ from tests.conftest import REQUIRED
 from tests.netns import PREFIX, Host, Reply, Topology, entered, exec_in, netns_guard
 from tests.netns import request as send
 
-pytestmark = [pytest.mark.privileged, pytest.mark.slow]
+# the module's first test also builds the image (and, once per package list, the base)
+pytestmark = [pytest.mark.privileged, pytest.mark.slow, pytest.mark.timeout(900)]
 
 __all__ = ["netns_guard"]
 
@@ -74,11 +75,10 @@ BASE_REPO = "localhost/kproxy-test-base"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 NS = "image"
 VIP = "10.96.15.1"
+NODE_PORT = 30080
 POD_PORT = 8080
 SOON = 60.0
 """Bound for "the container has started and synced": an interpreter start in a container on a busy VM."""
-HEALTHZ = 10256
-METRICS = 10249
 
 
 # ------------------------------------------------------------------ helpers
@@ -147,6 +147,14 @@ def base_image(workdir: Path) -> tuple[str, str]:
         return tag, "reused"
     started = time.monotonic()
     rootfs = workdir / "rootfs"
+    try:
+        _debootstrap(rootfs, tag, recipe)
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+    return tag, f"debootstrapped in {time.monotonic() - started:.0f}s"
+
+
+def _debootstrap(rootfs: Path, tag: str, recipe: str) -> None:
     sh(
         [
             "debootstrap",
@@ -174,10 +182,8 @@ def base_image(workdir: Path) -> tuple[str, str]:
             timeout=300,
             check=False,
         )
-    shutil.rmtree(rootfs, ignore_errors=True)
     if imported.returncode != 0 or tar.returncode != 0:
         pytest.fail(f"podman import of the debootstrap base failed: {imported.stderr}", pytrace=False)
-    return tag, f"debootstrapped in {time.monotonic() - started:.0f}s"
 
 
 @dataclass(frozen=True)
@@ -388,12 +394,14 @@ def service(name: str) -> dict[str, Any]:
         "kind": "Service",
         "metadata": {"name": name, "namespace": NS},
         "spec": {
-            "type": "ClusterIP",
+            "type": "NodePort",
             "clusterIP": VIP,
             "clusterIPs": [VIP],
             "ipFamilies": ["IPv4"],
             "ipFamilyPolicy": "SingleStack",
-            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": POD_PORT}],
+            "ports": [
+                {"name": "http", "port": 80, "protocol": "TCP", "targetPort": POD_PORT, "nodePort": NODE_PORT}
+            ],
         },
     }
 
@@ -419,27 +427,54 @@ def lab(netns_guard: None) -> Iterator[Topology]:
         yield topo
 
 
-def answered_by(topo: Topology, want: set[str], log: Callable[[], str]) -> None:
-    """Until requests to the service have been answered by every pod in `want` and by no other."""
+def answered_by(topo: Topology, ip: str, port: int, want: set[str], log: Callable[[], str]) -> None:
+    """Until requests from the outside client to ip:port have been answered by every pod in `want`
+    and by no other."""
     seen: set[str] = set()
 
     def probe() -> tuple[set[str], Reply]:
-        reply = send(topo.client_hosts[0].ns, VIP, 80, timeout=1.0)
+        reply = send(topo.client_hosts[0].ns, ip, port, timeout=1.0)
         if reply.ok:
-            assert reply.name in want, f"{VIP}:80 answered by {reply.name}, not one of {sorted(want)}"
+            assert reply.name in want, f"{ip}:{port} answered by {reply.name}, not one of {sorted(want)}"
             seen.add(reply.name)
         return set(seen), reply
 
-    eventually(probe, lambda v: v[0] == want, f"{VIP}:80 answered by each of {sorted(want)}", log)
+    eventually(probe, lambda v: v[0] == want, f"{ip}:{port} answered by each of {sorted(want)}", log)
 
 
-def get(ns: str, port: int, path: str) -> tuple[int, str]:
-    """(status, body) of a GET to 127.0.0.1:port in `ns`; (0, why) when nothing answers."""
+def serves(topo: Topology, log: Callable[[], str]) -> None:
+    """The Service through its cluster IP and through its node port on the node's address."""
+    pods = {p.name for p in topo.node.pods}
+    answered_by(topo, VIP, 80, pods, log)
+    answered_by(topo, topo.node.ipv4, NODE_PORT, pods, log)
+
+
+def get(ns: str, ip: str, port: int, path: str) -> tuple[int, str]:
+    """(status, body) of a GET to ip:port from namespace `ns`; (0, why) when nothing answers."""
     try:
-        reply = http_get(ns, "127.0.0.1", port, path, timeout=3.0)
+        reply = http_get(ns, ip, port, path, timeout=3.0)
     except OSError as exc:
         return 0, f"{exc.__class__.__name__}: {exc}"
     return reply.status, json.dumps(reply.body)
+
+
+def probes() -> list[tuple[str, int, str]]:
+    """(probe, port, path) of the DaemonSet's HTTP probes: the kubelet sends them to the pod's IP,
+    which with hostNetwork is the node's."""
+    (ctr,) = load(DAEMONSET, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    out = []
+    for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+        if kind in ctr:
+            http = ctr[kind]["httpGet"]
+            out.append((kind, int(http["port"]), str(http["path"])))
+    assert out, "the DaemonSet should have probes"
+    return out
+
+
+def metrics_address(files: PodFiles) -> tuple[str, int]:
+    config = yaml.safe_load((files.config_dir / "config.yaml").read_text())
+    host, _, port = str(config.get("metricsBindAddress", "127.0.0.1:10249")).rpartition(":")
+    return host, int(port)
 
 
 def kube_chains(ns: str) -> list[str]:
@@ -487,14 +522,14 @@ def test_image_fits_its_budget_and_carries_no_compiler(image: Built, request: py
     assert found.returncode == 0, f"a compiler is in the final image: {found.stdout.strip()}"
 
 
-@pytest.mark.timeout(900)
 def test_image_runs_as_the_daemonset_and_its_rules_outlive_it(
     image: Built, lab: Topology, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """Started with the DaemonSet's spec in the node namespace, the image's kproxy programs a Service
-    that a client outside the node reaches; /healthz and /metrics answer; `podman stop` ends it
-    cleanly (exit 0) and the Service keeps working without it; `kproxy cleanup` run from the image
-    with the same grants removes every rule."""
+    """Started with the DaemonSet's spec in the node namespace (and only its capabilities, checked
+    on the running process), the image's kproxy programs a Service that a client outside the node
+    reaches by cluster IP and node port; the DaemonSet's probes and /metrics answer; `podman stop`
+    ends it cleanly (exit 0) and the Service keeps working without it; `kproxy cleanup` run from
+    the image with the same grants removes every rule."""
     started = time.monotonic()
     ctx, cert = tls_context(tmp_path)
     files = pod_files(tmp_path, cert)
@@ -523,10 +558,17 @@ def test_image_runs_as_the_daemonset_and_its_rules_outlive_it(
         assert int(status["CapBnd"], 16) == granted, f"bounding capabilities {status['CapBnd']}"
         assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
 
-        answered_by(lab, {p.name for p in lab.node.pods}, log)
-        eventually(lambda: get(lab.node_ns, HEALTHZ, "/healthz"), lambda r: r[0] == 200, "/healthz 200", log)
+        serves(lab, log)
+        for kind, port, path in probes():
+            eventually(
+                lambda: get(lab.node_ns, lab.node.ipv4, port, path),  # noqa: B023 (called at once)
+                lambda r: r[0] == 200,
+                f"{kind} {path} on the node's {lab.node.ipv4}:{port} answers 200",
+                log,
+            )
+        host, port = metrics_address(files)
         metrics = eventually(
-            lambda: get(lab.node_ns, METRICS, "/metrics"), lambda r: r[0] == 200, "/metrics 200", log
+            lambda: get(lab.node_ns, host, port, "/metrics"), lambda r: r[0] == 200, "/metrics 200", log
         )
         assert "kubeproxy_sync_proxy_rules_last_timestamp_seconds" in metrics[1], metrics[1][:500]
         assert any(e for e in api.requests if "/endpointslices" in e.path), (
@@ -538,7 +580,7 @@ def test_image_runs_as_the_daemonset_and_its_rules_outlive_it(
         code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
         assert code == "0", f"kproxy should exit 0 on SIGTERM, exited {code}\n{log()}"
         api.stop()  # nothing is left to program the node: the kernel alone serves now
-        answered_by(lab, {p.name for p in lab.node.pods}, log)
+        serves(lab, log)
 
         cleanup_flags, _ = container_argv(
             f"{name}-cleanup", image.tag, lab.node_ns, lab.node_name, files, ("127.0.0.1", api.port)
@@ -556,8 +598,9 @@ def test_image_runs_as_the_daemonset_and_its_rules_outlive_it(
         )
         assert done.returncode == 0, f"kproxy cleanup exited {done.returncode}: {done.stderr[-2000:]}"
         assert kube_chains(lab.node_ns) == [], "kproxy cleanup left chains behind"
-        reply = send(lab.client_hosts[0].ns, VIP, 80, timeout=1.0)
-        assert not reply.ok, f"the service still answers after cleanup: {reply}"
+        for ip, port in ((VIP, 80), (lab.node.ipv4, NODE_PORT)):
+            reply = send(lab.client_hosts[0].ns, ip, port, timeout=1.0)
+            assert not reply.ok, f"{ip}:{port} still answers after cleanup: {reply}"
         report(
             request,
             f"ran as the DaemonSet: started, served, stopped, cleaned up in {time.monotonic() - started:.0f}s",
