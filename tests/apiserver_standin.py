@@ -10,7 +10,8 @@ Test controls: create/update/apply/delete objects, compact the history, stop and
 same port (objects and history survive, as they would in etcd), drop every open watch, make new
 watches hang or trickle bytes, inject latency or error responses, and read back a log of requests.
 It binds 127.0.0.1 by default; pass `host=` an address inside a test's network namespace plumbing
-when the client runs in another namespace. No reverse DNS lookups anywhere.
+when the client runs in another namespace. Pass `tls=` a server-side SSLContext to serve HTTPS, as
+in-cluster clients (service account token and CA) require. No reverse DNS lookups anywhere.
 
 Usage:
     with ApiServerStandIn() as api:
@@ -25,6 +26,7 @@ import contextlib
 import copy
 import json
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -402,8 +404,10 @@ class ApiServerStandIn:
         bookmark_interval: float = 1.0,
         default_watch_timeout: float = 1800.0,
         first_rv: int = 1000,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls
         self.port = port
         self.bookmark_interval = bookmark_interval
         self.default_watch_timeout = default_watch_timeout
@@ -432,6 +436,8 @@ class ApiServerStandIn:
         if self._server is not None:
             return self
         server = _Server((self.host, self.port), self)
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
         self.port = server.server_port
         with self._cond:
             self._running = True
@@ -466,7 +472,7 @@ class ApiServerStandIn:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def configuration(self) -> Any:
         from kubernetes import client

@@ -329,7 +329,14 @@ def test_ignore_files_let_every_copied_path_into_the_build_context() -> None:
 
 
 def test_containerfile_builds_on_debian_python_with_iptables() -> None:
-    bases = [args.split()[0] for word, args in instructions() if word == "FROM"]
+    # Every stage's base is the BASE_IMAGE build argument; its default is what a real build uses.
+    defaults = dict(args.partition("=")[::2] for word, args in instructions() if word == "ARG")
+    bases = [
+        re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], args.split()[0])
+        for word, args in instructions()
+        if word == "FROM"
+    ]
+    assert all(b == bases[-1] for b in bases), "the build stage must share the final stage's base"
     match = re.fullmatch(r"(?:docker\.io/library/)?python:3\.(\d+)-slim(?:-\w+)?", bases[-1])
     assert match, f"final stage should be a Debian python slim image, is {bases[-1]}"
     required = pyproject()["project"]["requires-python"]

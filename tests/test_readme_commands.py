@@ -53,6 +53,11 @@ RULES: tuple[Rule, ...] = (
     Rule(r"\. \.venv/bin/activate$", "skip", "activating the venv is what this test's PATH does"),
     Rule(r"\.venv/bin/python -m pytest", "skip", "is this test suite"),
     Rule(r"(podman|docker) ", "skip", "needs a container engine and a registry"),
+    Rule(
+        r"(debootstrap |rm -rf /tmp/rootfs/|tar -C /tmp/rootfs |pip wheel --wheel-dir /tmp/wheelhouse )",
+        "skip",
+        "the image's offline base and wheels: tests/test_image.py runs these steps",
+    ),
     Rule(r"kubectl ", "skip", "needs a cluster (tests/test_kubeadm_switch.py runs the manifests offline)"),
     Rule(r"kubeadm ", "skip", "needs a kubeadm control-plane node"),
     Rule(r"curl ", "skip", "needs a node agent running in a cluster"),
