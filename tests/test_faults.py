@@ -66,7 +66,7 @@ SETTLE = 60.0
 """Bound for "the agent has caught up after the last fault": generous, the VM is shared."""
 
 
-def seed_for(test: str) -> int:
+def seed_for() -> int:
     """KPROXY_FAULT_SEED replays a run; otherwise a fresh seed, printed in the summary line."""
     env = os.environ.get("KPROXY_FAULT_SEED")
     return int(env) if env else random.SystemRandom().randrange(2**32)
@@ -369,7 +369,7 @@ def test_apiserver_killed_and_restarted_20_times_during_churn_loses_no_update(
     restart it comes back with its history compacted, so the agent's resumed watch gets 410 Gone
     and must relist and treat whatever vanished as deleted. After the last restart the kernel must
     equal a dry-run of the final objects (0 lost updates) and services must answer."""
-    seed = seed_for("api")
+    seed = seed_for()
     rng = random.Random(seed)
     api = node.api()
     agent = node.agent(api=api)
@@ -426,7 +426,7 @@ def test_50_restores_failing_at_random_during_churn_lose_no_update(node: Node, t
     change has waited more than twice the sync period (1 s here), the rules already in the kernel
     keep serving, and /healthz is 200 again once restores work. At the end the kernel equals a
     dry-run of the final objects (0 lost updates) and services answer."""
-    seed = seed_for("restore")
+    seed = seed_for()
     rng = random.Random(seed)
     faults = RestoreFaults.install(tmp_path)
     api = node.api()
@@ -620,7 +620,7 @@ def test_sigkill_during_full_sync_10_times_converges_each_time(node: Node, tmp_p
     fall at a random moment between the end of the initial list and the sync's end (rendering,
     diffing, writing); the other half exactly around a random iptables-restore call of the sync
     (before it, or after it wrote its chunk), which leaves the kernel half old, half new."""
-    seed = seed_for("sigkill")
+    seed = seed_for()
     rng = random.Random(seed)
     faults = RestoreFaults.install(tmp_path)
     api = node.api()
