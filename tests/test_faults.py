@@ -274,14 +274,15 @@ class Churn:
         for f in self._families(i):
             self.api.apply(self._slice(i, f))
 
-    def step(self) -> str:
-        """One random change; returns its name."""
+    def step(self, delete_weight: int = 1) -> tuple[str, int]:
+        """One random change: its name and the service's index."""
         self.ops += 1
         i = self.rng.randrange(self.size)
         if i not in self.live:
             self._create(i)
-            return "create"
-        op = self.rng.choices(["scale", "port", "type", "local", "delete"], weights=[6, 2, 1, 1, 1])[0]
+            return "create", i
+        weights = [6, 2, 1, 1, delete_weight]
+        op = self.rng.choices(["scale", "port", "type", "local", "delete"], weights=weights)[0]
         c = self.live[i]
         if op == "scale":
             f = self.rng.choice(self._families(i))
@@ -301,7 +302,7 @@ class Churn:
             self.api.delete("Service", NS, f"c{i}")
             for f in self._families(i):
                 self.api.delete("EndpointSlice", NS, f"c{i}-v{f}")
-        return op
+        return op, i
 
     def answering(self) -> list[tuple[str, int, set[str]]]:
         """(ip, port, pod names) of up to three live services with endpoints, for a traffic check."""
@@ -379,19 +380,30 @@ def test_apiserver_killed_and_restarted_20_times_during_churn_loses_no_update(
     assert watches >= 3, f"premise: the agent watches services, slices and its node ({watches} open)"
 
     compactions = reconnected = 0
+    unseen: set[int] = set()
+    """Services deleted during an outage whose history was then compacted, and never recreated."""
     for k in range(API_RESTARTS):
         for _ in range(rng.randint(2, 6)):
-            churn.step()
+            op, i = churn.step()
+            if op == "create":
+                unseen.discard(i)
             time.sleep(rng.uniform(0, 0.05))
         api.stop()
-        for _ in range(rng.randint(1, 6)):
-            churn.step()
-        if k % 2 == 1:
+        compacting = k % 2 == 1
+        for _ in range(rng.randint(2, 8)):
+            op, i = churn.step(delete_weight=4)
+            if op == "delete" and compacting:
+                unseen.add(i)  # the agent can learn of it only from a relist: no DELETED event survives
+            elif op == "create":
+                unseen.discard(i)
+        if compacting:
             api.compact()
             compactions += 1
         node.start_api(api)
         for _ in range(rng.randint(0, 3)):
-            churn.step()
+            op, i = churn.step()
+            if op == "create":
+                unseen.discard(i)
         # the next crash must hit a connected agent, or the restarts would blur into one outage
         reconnected += api.wait_for_watches(watches, timeout=SETTLE)
     expired = len(agent.events("watch_expired"))
@@ -401,11 +413,13 @@ def test_apiserver_killed_and_restarted_20_times_during_churn_loses_no_update(
     diff = lost_updates(node, api, agent, tmp_path)
     line = report(
         f"seed={seed} api_restarts={API_RESTARTS} compactions={compactions} churn_ops={churn.ops} "
-        f"reconnected={reconnected} watch_expired={expired} relists={relists} lost_updates={diff_count(diff)}"
+        f"reconnected={reconnected} watch_expired={expired} relists={relists} "
+        f"deleted_unseen={len(unseen)} lost_updates={diff_count(diff)}"
     )
     assert agent.alive(), f"{line}\n{agent.tail()}"
     assert reconnected == API_RESTARTS, line
     assert expired > 0 and relists > 0, f"premise: compaction forced relists: {line}"
+    assert unseen, f"premise: some deletions reach the agent only through a relist: {line}"
     assert diff == "", f"{line}\n{diff}\nagent log:\n{agent.tail()}"
     check_traffic(node, churn, agent)
 
