@@ -476,12 +476,17 @@ def test_50_restores_failing_at_random_during_churn_lose_no_update(node: Node, t
         time.sleep(rng.uniform(0.01, 0.08))
         if not held and injected >= RESTORE_FAILURES // 2:
             held = True
+            # from a healthy agent (random failures may have left it 503 for a moment), so
+            # the 503 below is this outage's
+            eventually(
+                lambda: node.get(HEALTHZ, "/healthz")[0], lambda s: s == 200, "/healthz 200", log=agent.log
+            )
             faults.hold(True)
             churn.step()
             eventually(
-                lambda: node.get(HEALTHZ, "/healthz")[0],
-                lambda s: s == 503,
-                "/healthz 503 while every restore fails",
+                lambda: (node.get(HEALTHZ, "/healthz")[0], faults.count("hold")),
+                lambda v: v[0] == 503 and v[1] > 0,
+                "/healthz 503 while every restore fails, after a failed attempt",
                 log=agent.log,
             )
             held_503 += 1
