@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TextIO, cast
 import yaml
 
 from kproxy.backends.iptables.render import render_snapshot
-from kproxy.config import RenderConfig, render_config
+from kproxy.config import RenderConfig, render_config, sized
 from kproxy.errors import ConfigError, KproxyError, ObjectError, StartupError
 from kproxy.explain import explain
 from kproxy.settings import Settings, add_run_arguments, effective_config, from_args
@@ -385,12 +385,16 @@ def cmd_dry_run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
 
     rendered: Family = args.ip_family or 4
     (cfg,) = dry_run_configs(args, snapshot, [rendered])
+    ports = view(snapshot, args.node_name, rendered)
+    # large-cluster mode (no endpoint comments) as the agent decides it, so the payload is what
+    # `kproxy run` writes for the same objects
+    cfg = sized(cfg, sum(len(eps) for _, eps in ports.values()))
     if args.proxy_mode == "nftables":
         from kproxy.backends.nftables.render import render_snapshot as nft_snapshot
 
-        out.write(nft_snapshot(view(snapshot, args.node_name, rendered), cfg))
+        out.write(nft_snapshot(ports, cfg))
         return skipped
-    out.write(render_snapshot(view(snapshot, args.node_name, rendered), cfg))
+    out.write(render_snapshot(ports, cfg))
     return skipped
 
 
