@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kproxy.backends.iptables.conntrack import (
+from kproxy.netfilter.conntrack import (
     ConntrackClient,
     NetlinkConntrack,
     PyrouteConntrack,

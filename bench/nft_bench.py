@@ -40,11 +40,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kproxy.backends.iptables.restore import CommandRestorer
 from kproxy.backends.iptables.sync import SyncEngine
 from kproxy.backends.nftables.sync import NftSyncEngine
 from kproxy.backends.nftables.writer import host_writer
 from kproxy.config import RenderConfig
+from kproxy.netfilter.restore import CommandRestorer
 from kproxy.state.model import Endpoint, ServicePort, ServicePortName
 
 ROOT = Path(__file__).resolve().parent

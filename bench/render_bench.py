@@ -18,9 +18,9 @@ from contextlib import AbstractContextManager, nullcontext
 
 from kproxy.backends.iptables import render
 from kproxy.backends.iptables.render import assemble, builtin_jumps, render_port
-from kproxy.backends.iptables.ruleset import restore_payload
 from kproxy.config import RenderConfig
-from kproxy.gcpause import gc_paused
+from kproxy.infra.gcpause import gc_paused
+from kproxy.netfilter.ruleset import restore_payload
 from kproxy.state.model import Endpoint, ServicePort, ServicePortName
 
 

@@ -16,9 +16,9 @@ import time
 import uuid
 
 from bench.sync_bench import cluster
-from kproxy.backends.iptables.restore import CommandRestorer
 from kproxy.backends.iptables.sync import SyncEngine
 from kproxy.config import RenderConfig
+from kproxy.netfilter.restore import CommandRestorer
 
 
 def main() -> None:

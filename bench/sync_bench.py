@@ -43,10 +43,10 @@ from typing import Any
 
 from kproxy.backends.iptables import render
 from kproxy.backends.iptables.render import render_port, render_view
-from kproxy.backends.iptables.restore import Backend, CommandRestorer, tool
-from kproxy.backends.iptables.ruleset import ChainKey, restore_payload
 from kproxy.backends.iptables.sync import SyncEngine, SyncResult
 from kproxy.config import RenderConfig
+from kproxy.netfilter.restore import Backend, CommandRestorer, tool
+from kproxy.netfilter.ruleset import ChainKey, restore_payload
 from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
 
 ROOT = Path(__file__).resolve().parent

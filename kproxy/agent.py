@@ -23,8 +23,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from kproxy import log
-from kproxy.changes import ChangeTracker, FamilyView, PortEntry
 from kproxy.config import RenderConfig, localhost_in_effect, render_config, sized
 from kproxy.configz import configz
 from kproxy.errors import KproxyError
@@ -35,15 +33,17 @@ from kproxy.health import (
     ServiceHealthServer,
     healthz_response,
 )
+from kproxy.infra import log
+from kproxy.infra.runner import BoundedFrequencyRunner
 from kproxy.metrics import Metrics, MetricsServer, NoLocalEndpoints
-from kproxy.runner import BoundedFrequencyRunner
 from kproxy.settings import Settings, bind_override
 from kproxy.sources.apiwatch import SourceEvent
 from kproxy.sources.dirwatch import watch_directory
 from kproxy.state.model import EndpointSlice, Family, ServiceKey, ServicePortName
+from kproxy.tracking.changes import ChangeTracker, FamilyView, PortEntry
 
 if TYPE_CHECKING:
-    from kproxy.backends.iptables.conntrack import ConntrackClient
+    from kproxy.netfilter.conntrack import ConntrackClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +255,7 @@ class NodeAgent:
 
     async def _clean_conntrack(self, family: Family) -> None:
         """Stale UDP flows black-hole clients after an endpoint goes; clear them (never fatal)."""
-        from kproxy.backends.iptables.conntrack import clean_stale_entries_async
+        from kproxy.netfilter.conntrack import clean_stale_entries_async
 
         if self.conntrack is None:
             return
@@ -281,7 +281,7 @@ class NodeAgent:
             asyncio.create_task(self._run_source(), name="kproxy-source"),
         ]
         if self.follow_addresses:
-            from kproxy.nodeaddr import follow_node_addresses
+            from kproxy.infra.nodeaddr import follow_node_addresses
 
             tasks.append(
                 asyncio.create_task(
@@ -383,7 +383,7 @@ def make_backend(settings: Settings) -> Backend:
 
 def run_agent(settings: Settings) -> int:
     """`kproxy run`: build the agent for this host and serve until SIGTERM."""
-    from kproxy.nodeaddr import node_addresses
+    from kproxy.infra.nodeaddr import node_addresses
 
     log.setup(settings.effective_log_level, fmt=settings.logging_format)
     try:
@@ -394,7 +394,7 @@ def run_agent(settings: Settings) -> int:
         return 1
     agent = NodeAgent(settings, backend, node_ips=node_addresses(), follow_addresses=True)
     if settings.proxy_mode in ("iptables", "nftables"):
-        from kproxy.backends.iptables.conntrack import NetlinkConntrack
+        from kproxy.netfilter.conntrack import NetlinkConntrack
 
         agent.conntrack = NetlinkConntrack()
 

@@ -22,10 +22,10 @@ from typing import Any, NoReturn, TextIO, cast
 
 import yaml
 
+from kproxy.backends.iptables.explain import explain
 from kproxy.backends.iptables.render import render_snapshot
 from kproxy.config import RenderConfig, render_config, sized
 from kproxy.errors import ConfigError, KproxyError, ObjectError, StartupError
-from kproxy.explain import explain
 from kproxy.settings import Settings, add_run_arguments, effective_config, from_args
 from kproxy.sources.files import load_paths
 from kproxy.state.build import Snapshot, view
@@ -224,8 +224,9 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kproxy import log, startup
+    from kproxy import startup
     from kproxy.agent import run_agent
+    from kproxy.infra import log
 
     try:
         settings = from_args(args)
@@ -287,7 +288,7 @@ def _write_config(settings: Settings, path: str) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from kproxy import startup
-    from kproxy.backends.iptables.cleanup import cleanup
+    from kproxy.netfilter.cleanup import cleanup
 
     if not startup.has_cap_net_admin():
         _warn(sys.stderr, "cleanup: no CAP_NET_ADMIN, the tables cannot be read or changed: run as root")

@@ -59,8 +59,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from kproxy import log
-from kproxy.httpd import HttpServer, Request, Response, not_found
+from kproxy.infra import log
+from kproxy.infra.httpd import HttpServer, Request, Response, not_found
 from kproxy.state.model import (
     FAMILIES,
     Endpoint,

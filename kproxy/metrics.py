@@ -54,9 +54,9 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-from kproxy import log
 from kproxy.health import FAMILY_NAMES
-from kproxy.httpd import HttpServer, Request, Response, not_found, text
+from kproxy.infra import log
+from kproxy.infra.httpd import HttpServer, Request, Response, not_found, text
 from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
 from kproxy.state.topology import categorize, external_local
 

@@ -21,8 +21,8 @@ import shutil
 import socket
 from typing import Protocol
 
-from kproxy import log
 from kproxy.errors import ConfigError, StartupError
+from kproxy.infra import log
 from kproxy.settings import Settings
 
 CAP_NET_ADMIN = 12
@@ -208,7 +208,7 @@ def check_privileges() -> None:
 
 def check_tools(s: Settings) -> None:
     """The iptables commands of the chosen (or any, with auto) backend, for each family served."""
-    from kproxy.backends.iptables.restore import BACKENDS, tool
+    from kproxy.netfilter.restore import BACKENDS, tool
 
     backends = BACKENDS if s.iptables_backend == "auto" else (s.iptables_backend,)
     missing: list[str] = []

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from kproxy.agent import NodeAgent, SyncReport
-from kproxy.changes import PortEntry
 from kproxy.config import RenderConfig
 from kproxy.errors import RestoreError
 from kproxy.settings import Settings
 from kproxy.state.model import Family, Node, ServicePortName
+from kproxy.tracking.changes import PortEntry
 from tests.test_changes import eps, svc
 
 

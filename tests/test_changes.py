@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from kproxy.changes import ChangeTracker, FamilyView
 from kproxy.state.model import (
     EndpointSlice,
     Node,
@@ -14,6 +13,7 @@ from kproxy.state.model import (
     SliceEndpoint,
     SlicePort,
 )
+from kproxy.tracking.changes import ChangeTracker, FamilyView
 
 
 def svc(name: str = "web", ip: str = "10.96.0.10", port: int = 80, rv: str = "1") -> Service:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kproxy.backends.iptables.cleanup import (
+from kproxy.errors import CleanupError
+from kproxy.netfilter.cleanup import (
     IPSETS,
     CleanupHost,
     VirtualServer,
@@ -22,7 +23,6 @@ from kproxy.backends.iptables.cleanup import (
     owned_virtual_servers,
     virtual_servers,
 )
-from kproxy.errors import CleanupError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from kproxy.backends.iptables.conntrack import (
+from kproxy.netfilter.conntrack import (
     ConntrackClient,
     FakeConntrack,
     Flow,

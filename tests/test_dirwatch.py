@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from kproxy.changes import ChangeTracker
 from kproxy.sources.dirwatch import ManifestDirectory, off_loop, watch_directory
 from kproxy.state.model import ServiceKey
+from kproxy.tracking.changes import ChangeTracker
 from tests.kobjects import at, endpoint_slice, node, service
 
 Event = dict[str, Any]

@@ -372,7 +372,7 @@ def test_service_health_body_is_kube_proxy_shaped() -> None:
     shs = ServiceHealthServer(lambda: True)
     handler = shs._handler_for(A)
     shs.sync_endpoints({A: 3})
-    from kproxy.httpd import Request
+    from kproxy.infra.httpd import Request
 
     resp = handler(Request("GET", "/"))
     assert resp.status == 200

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kproxy import log
+from kproxy.infra import log
 from tests.logfmt import LogfmtError, parse, parse_kproxy
 
 

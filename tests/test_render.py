@@ -21,8 +21,8 @@ from kproxy.backends.iptables.render import (
     render_port,
     render_view,
 )
-from kproxy.backends.iptables.ruleset import PortRules
 from kproxy.config import RenderConfig
+from kproxy.netfilter.ruleset import PortRules
 from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
 
 CFG = RenderConfig(family=4, node_name="node1", cluster_cidr=("10.0.0.0/8",))

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kproxy.backends.iptables.render import builtin_jumps, render_port, render_view
-from kproxy.backends.iptables.ruleset import restore_payload
 from kproxy.config import RenderConfig
 from kproxy.errors import ObjectError
+from kproxy.netfilter.ruleset import restore_payload
 from kproxy.state.build import Snapshot, view
 from kproxy.state.model import Endpoint, Family, ServicePort
 from kproxy.state.parse import parse_object

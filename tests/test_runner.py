@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from kproxy.runner import BoundedFrequencyRunner
+from kproxy.infra.runner import BoundedFrequencyRunner
 
 
 def test_a_burst_of_requests_costs_one_run_per_interval() -> None:

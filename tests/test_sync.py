@@ -6,14 +6,14 @@ import random
 
 import pytest
 
-from kproxy.backends.iptables import restore
 from kproxy.backends.iptables.naming import sep_chain, svc_chain
 from kproxy.backends.iptables.render import builtin_jumps, render_view
-from kproxy.backends.iptables.restore import FakeRestorer, detect_backend, failed_line
-from kproxy.backends.iptables.ruleset import Table
 from kproxy.backends.iptables.sync import SyncEngine
 from kproxy.config import RenderConfig
 from kproxy.errors import ConfigError, RestoreError
+from kproxy.netfilter import restore
+from kproxy.netfilter.restore import FakeRestorer, detect_backend, failed_line
+from kproxy.netfilter.ruleset import Table
 from kproxy.state.model import Family
 from tests.sync_cases import View, cluster, port_name, service, with_endpoints
 

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kproxy.backends.iptables.restore import Backend, CommandRestorer
 from kproxy.backends.iptables.sync import SyncEngine
 from kproxy.config import RenderConfig
 from kproxy.errors import RestoreError
+from kproxy.netfilter.restore import Backend, CommandRestorer
 from kproxy.state.model import Family
 from tests.netns import create_netns, delete_netns, netns_guard
 from tests.sync_cases import View, cluster, cluster6, port_name, service, with_endpoints

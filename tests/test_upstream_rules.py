@@ -33,14 +33,14 @@ import pytest
 from kproxy.backends.iptables.adopt import canonical_rule
 from kproxy.backends.iptables.proxier import IptablesProxier, supports_random_fully
 from kproxy.backends.iptables.render import render_port, render_snapshot, render_view
-from kproxy.backends.iptables.restore import CommandRestorer
-from kproxy.backends.iptables.ruleset import ChainKey
-from kproxy.changes import ChangeTracker, FamilyView
 from kproxy.config import LARGE_CLUSTER_ENDPOINTS, RenderConfig, localhost_in_effect, render_config, sized
 from kproxy.errors import ConfigError
+from kproxy.netfilter.restore import CommandRestorer
+from kproxy.netfilter.ruleset import ChainKey
 from kproxy.sources.files import load_paths
 from kproxy.state.build import Snapshot, view
 from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
+from kproxy.tracking.changes import ChangeTracker, FamilyView
 from tests.netns import BACKENDS, Backend, Topology, exec_in, netns_guard, request
 
 __all__ = ["netns_guard"]

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from kproxy.backends.iptables.ruleset import restore_payload
 from kproxy.backends.userspace.proxier import UserspaceProxier
 from kproxy.backends.userspace.steering import (
     NODEPORT_CONTAINER,
@@ -32,6 +31,7 @@ from kproxy.backends.userspace.steering import (
     render_all,
     render_port,
 )
+from kproxy.netfilter.ruleset import restore_payload
 from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
 from tests.netns import Topology, entered, netns_guard, request
 

@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from kproxy import log
 from kproxy.errors import ConfigError, ObjectError, SourceError
-from kproxy.gcpause import gc_paused
+from kproxy.infra import log
+from kproxy.infra.gcpause import gc_paused
 from kproxy.state.model import ObjectRef
 from kproxy.state.parse import Parsed, parse_object_all
 

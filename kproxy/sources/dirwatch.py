@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from kproxy import log
 from kproxy.errors import ObjectError
+from kproxy.infra import log
 from kproxy.sources.files import Entry, ReadError, file_format, read_manifest, scan_path
 from kproxy.state.model import EndpointSlice, Node, Service
 from kproxy.state.parse import is_document_error, parse_stream

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from kproxy.gcpause import gc_paused
+from kproxy.infra.gcpause import gc_paused
 from kproxy.state.model import (
     Endpoint,
     EndpointSlice,

@@ -34,7 +34,7 @@ from typing import Any, Final, NoReturn, TypeVar
 import yaml
 
 from kproxy.errors import ObjectError
-from kproxy.gcpause import gc_paused
+from kproxy.infra.gcpause import gc_paused
 from kproxy.state.model import (
     AddressType,
     EndpointSlice,

@@ -17,10 +17,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Protocol
 
-from kproxy import log
 from kproxy.agent import SyncReport
 from kproxy.backends.iptables.render import CANARY
-from kproxy.backends.iptables.restore import (
+from kproxy.backends.iptables.sync import SyncEngine
+from kproxy.config import RenderConfig
+from kproxy.errors import ConfigError, RestoreError
+from kproxy.infra import log
+from kproxy.netfilter.restore import (
     Backend,
     CommandRestorer,
     Restorer,
@@ -28,11 +31,8 @@ from kproxy.backends.iptables.restore import (
     detect_backend,
     tool,
 )
-from kproxy.backends.iptables.sync import SyncEngine
-from kproxy.changes import PortEntry
-from kproxy.config import RenderConfig
-from kproxy.errors import ConfigError, RestoreError
 from kproxy.state.model import Family, ServicePortName
+from kproxy.tracking.changes import PortEntry
 
 ROUTE_LOCALNET = "net/ipv4/conf/all/route_localnet"
 TCP_BE_LIBERAL = "net/netfilter/nf_conntrack_tcp_be_liberal"

@@ -19,9 +19,9 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
 from kproxy.backends.iptables.naming import hash16, sep_chains
-from kproxy.backends.iptables.ruleset import Chain, ChainKey, PortRules, Table, restore_payload
 from kproxy.config import RenderConfig
-from kproxy.gcpause import gc_paused
+from kproxy.infra.gcpause import gc_paused
+from kproxy.netfilter.ruleset import Chain, ChainKey, PortRules, Table, restore_payload
 from kproxy.state.model import Endpoint, ServicePort, ServicePortName, port_order
 from kproxy.state.topology import categorize, external_local, uses_cluster, uses_local
 

@@ -34,15 +34,15 @@ from dataclasses import dataclass
 from itertools import chain as concat
 from typing import NamedTuple
 
-from kproxy import log
 from kproxy.backends.iptables.adopt import chains_in_save, same_rules
 from kproxy.backends.iptables.naming import OWNED_PREFIXES
 from kproxy.backends.iptables.render import CANARY, assemble, builtin_jumps, render_port
-from kproxy.backends.iptables.restore import Restorer
-from kproxy.backends.iptables.ruleset import TABLES, ChainKey, PortRules, restore_payload
 from kproxy.config import RenderConfig
 from kproxy.errors import RestoreError
-from kproxy.gcpause import gc_paused
+from kproxy.infra import log
+from kproxy.infra.gcpause import gc_paused
+from kproxy.netfilter.restore import Restorer
+from kproxy.netfilter.ruleset import TABLES, ChainKey, PortRules, restore_payload
 from kproxy.state.model import Endpoint, ServicePort, ServicePortName, port_order
 
 View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]

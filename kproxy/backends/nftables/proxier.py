@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 
-from kproxy import log
 from kproxy.agent import SyncReport
 from kproxy.backends.nftables.sync import NftSyncEngine
 from kproxy.backends.nftables.writer import NftWriter, host_writer
-from kproxy.changes import PortEntry
 from kproxy.config import RenderConfig
+from kproxy.infra import log
 from kproxy.state.model import Family, ServicePortName
+from kproxy.tracking.changes import PortEntry
 
 
 class NftablesProxier:
@@ -82,8 +82,8 @@ class NftablesProxier:
 def iptables_leftovers(family: Family) -> int:
     """Remove iptables mode's chains and jumps of one family from both iptables backends;
     the chains removed, or -1 when something could not be removed (retried at the next full sync)."""
-    from kproxy.backends.iptables.cleanup import CleanupHost, _iptables
-    from kproxy.backends.iptables.restore import BACKENDS
+    from kproxy.netfilter.cleanup import CleanupHost, _iptables
+    from kproxy.netfilter.restore import BACKENDS
 
     failures: list[tuple[str, str]] = []
     host = CleanupHost(None)

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from kproxy import log
 from kproxy.backends.nftables.render import (
     SYNC_STATE,
     TABLE,
@@ -39,7 +38,8 @@ from kproxy.backends.nftables.render import (
 )
 from kproxy.backends.nftables.writer import NftWriter
 from kproxy.config import RenderConfig
-from kproxy.gcpause import gc_paused
+from kproxy.infra import log
+from kproxy.infra.gcpause import gc_paused
 from kproxy.state.model import ServicePortName, port_order
 
 ElementKey = tuple[str, str]

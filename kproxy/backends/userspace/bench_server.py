@@ -19,8 +19,8 @@ from typing import cast
 
 import uvloop
 
-from kproxy import log
 from kproxy.backends.userspace.proxier import UserspaceProxier
+from kproxy.infra import log
 from kproxy.state.model import Endpoint, Family, Protocol, ServicePort, ServicePortName
 
 

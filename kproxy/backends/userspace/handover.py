@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from kproxy import log
+from kproxy.infra import log
 
 ADDRESS: Final = b"\0kproxy-userspace-handover"
 """Abstract unix address: one per network namespace, gone with the process holding it."""

@@ -14,16 +14,16 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from kproxy import log
 from kproxy.agent import SyncReport
-from kproxy.backends.iptables.restore import CommandRestorer, Restorer, detect_backend
-from kproxy.backends.iptables.ruleset import ChainKey, restore_payload
 from kproxy.backends.userspace import handover, steering
 from kproxy.backends.userspace.proxier import Choice, UserspaceProxier
-from kproxy.changes import PortEntry
 from kproxy.config import RenderConfig
+from kproxy.infra import log
+from kproxy.netfilter.restore import CommandRestorer, Restorer, detect_backend
+from kproxy.netfilter.ruleset import ChainKey, restore_payload
 from kproxy.settings import Settings
 from kproxy.state.model import Family, ServicePortName
+from kproxy.tracking.changes import PortEntry
 
 
 class UserspaceMode:

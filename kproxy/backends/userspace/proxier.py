@@ -17,12 +17,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from kproxy import log
 from kproxy.backends.userspace.balancer import Balancer, Target, is_known_algorithm, parse_algorithm
 from kproxy.backends.userspace.rawtcp import RawTcpService, Reactor
 from kproxy.backends.userspace.sctp import IPPROTO_SCTP, open_listener, sctp_unsupported
 from kproxy.backends.userspace.tcp import DIAL_TIMEOUTS, Gate, Hooks, TcpService
 from kproxy.backends.userspace.udp import UdpService
+from kproxy.infra import log
 from kproxy.state import topology
 from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
 

@@ -33,9 +33,9 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
-from kproxy import log
 from kproxy.backends.userspace.balancer import Balancer, Target
 from kproxy.backends.userspace.tcp import DIAL_TIMEOUTS, PARK_BACKOFF, PARK_LIMIT, SHORT_OF_FDS, Gate
+from kproxy.infra import log
 
 _BUF_SIZE: Final = 256 * 1024
 _BUF = bytearray(_BUF_SIZE)

@@ -12,8 +12,8 @@ import asyncio
 import functools
 import socket
 
-from kproxy import log
 from kproxy.backends.userspace.tcp import TcpService
+from kproxy.infra import log
 
 IPPROTO_SCTP: int = getattr(socket, "IPPROTO_SCTP", 132)
 

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from kproxy.backends.iptables.ruleset import Chain, ChainKey, PortRules
+from kproxy.netfilter.ruleset import Chain, ChainKey, PortRules
 from kproxy.state.model import Family, ServicePort
 
 PORTALS_CONTAINER: Final = "KUBE-PORTALS-CONTAINER"

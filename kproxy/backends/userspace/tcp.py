@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, cast
 
-from kproxy import log
 from kproxy.backends.userspace.balancer import Balancer, Target
+from kproxy.infra import log
 
 DIAL_TIMEOUTS: Final[tuple[float, ...]] = (0.25, 0.5, 1.0, 2.0)
 """Per-attempt connect timeouts; each failure moves on to the next endpoint, as kube-proxy's userspace mode did."""

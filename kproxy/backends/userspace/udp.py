@@ -16,9 +16,9 @@ import select
 import socket
 from typing import Any, Final
 
-from kproxy import log
 from kproxy.backends.userspace.balancer import Balancer, Target
 from kproxy.backends.userspace.rawtcp import Reactor
+from kproxy.infra import log
 
 IP_PKTINFO: Final = getattr(socket, "IP_PKTINFO", 8)
 _BURST: Final = 64

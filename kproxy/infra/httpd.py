@@ -23,7 +23,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kproxy import log
+from kproxy.infra import log
 
 _REASONS = {
     200: "OK",

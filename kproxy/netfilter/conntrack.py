@@ -60,7 +60,7 @@ from pyroute2.netlink import NETLINK_NETFILTER
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
 
-from kproxy import log
+from kproxy.infra import log
 from kproxy.state.model import Endpoint, Family, ServiceKey, ServicePort
 
 PortsView = Iterable[tuple[ServicePort, Sequence[Endpoint]]]

@@ -63,9 +63,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, Protocol, TypeVar
 
-from kproxy import log
-from kproxy.backends.iptables.ruleset import ChainKey, Table
 from kproxy.errors import ConfigError, RestoreError
+from kproxy.infra import log
+from kproxy.netfilter.ruleset import ChainKey, Table
 from kproxy.state.model import Family
 
 Backend = Literal["legacy", "nft"]

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR
 
-from kproxy import log
+from kproxy.infra import log
 
 _SETTLE: Final = 0.2
 """Address events come in bursts (an interface going up brings several): read once after it."""

@@ -40,10 +40,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kproxy import log
 from kproxy.backends.iptables.naming import OWNED_PREFIXES
-from kproxy.backends.iptables.restore import BACKENDS, Backend, CommandRestorer, tool
 from kproxy.errors import CleanupError, KproxyError
+from kproxy.infra import log
+from kproxy.netfilter.restore import BACKENDS, Backend, CommandRestorer, tool
 from kproxy.state.model import FAMILIES, Family
 
 _IPTABLES_MODE = {

@@ -1,0 +1,1 @@
+"""Change tracking: sources' events in, per-family views of what changed out."""
