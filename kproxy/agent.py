@@ -19,10 +19,10 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
+from kproxy.backends.base import ProxyBackend, SyncReport
 from kproxy.config import RenderConfig, localhost_in_effect, render_config, sized
 from kproxy.configz import configz
 from kproxy.errors import KproxyError
@@ -39,38 +39,11 @@ from kproxy.metrics import Metrics, MetricsServer, NoLocalEndpoints
 from kproxy.settings import Settings, bind_override
 from kproxy.sources.apiwatch import SourceEvent
 from kproxy.sources.dirwatch import watch_directory
-from kproxy.state.model import EndpointSlice, Family, ServiceKey, ServicePortName
-from kproxy.tracking.changes import ChangeTracker, FamilyView, PortEntry
+from kproxy.state.model import EndpointSlice, Family, ServiceKey
+from kproxy.tracking.changes import ChangeTracker, FamilyView
 
 if TYPE_CHECKING:
     from kproxy.netfilter.conntrack import ConntrackClient
-
-
-@dataclass(frozen=True, slots=True)
-class SyncReport:
-    full: bool
-    chains_written: int = 0
-    chains_deleted: int = 0
-    rules: Mapping[str, int] | None = None
-    """Rule count per table after the sync, for kubeproxy_sync_proxy_rules_iptables_total."""
-    rules_written: Mapping[str, int] | None = None
-    """Rules this sync wrote per table, for kubeproxy_sync_proxy_rules_iptables_last."""
-
-
-class Backend(Protocol):
-    """What the agent needs of a proxy mode: apply one family's view."""
-
-    mode: str
-
-    async def sync(
-        self,
-        family: Family,
-        ports: Mapping[ServicePortName, PortEntry],
-        changed: set[ServicePortName] | None,
-        cfg: RenderConfig,
-    ) -> SyncReport: ...
-
-    async def close(self) -> None: ...
 
 
 NAMED_IN_LOGS = 5
@@ -92,7 +65,7 @@ class NodeAgent:
     def __init__(
         self,
         settings: Settings,
-        backend: Backend,
+        backend: ProxyBackend,
         *,
         node_ips: tuple[str, ...] = (),
         follow_addresses: bool = False,
@@ -362,7 +335,7 @@ class NodeAgent:
         self.runner.stop()
 
 
-def make_backend(settings: Settings) -> Backend:
+def make_backend(settings: Settings) -> ProxyBackend:
     if settings.proxy_mode == "userspace":
         from kproxy.backends.userspace.mode import UserspaceMode
 

@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import replace
 
-from kproxy.agent import NodeAgent, SyncReport
+from kproxy.agent import NodeAgent
+from kproxy.backends.base import SyncReport
 from kproxy.config import RenderConfig
 from kproxy.errors import RestoreError
 from kproxy.settings import Settings

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from kproxy.backends.iptables.sync import SyncEngine
 from kproxy.config import RenderConfig
 from kproxy.errors import RestoreError
-from kproxy.netfilter.restore import Backend, CommandRestorer
+from kproxy.netfilter.restore import CommandRestorer, XtablesBackend
 from kproxy.state.model import Family
 from tests.netns import create_netns, delete_netns, netns_guard
 from tests.sync_cases import View, cluster, cluster6, port_name, service, with_endpoints
@@ -26,10 +26,10 @@ pytestmark = pytest.mark.privileged
 __all__ = ["netns_guard"]
 
 CFG = RenderConfig(family=4, node_name="node-a", cluster_cidr=("10.0.0.0/8",))
-BACKENDS: tuple[Backend, ...] = ("legacy", "nft")
+BACKENDS: tuple[XtablesBackend, ...] = ("legacy", "nft")
 
 
-def tables(ns: str, backend: Backend, family: Family = 4) -> dict[str, dict[str, list[str]]]:
+def tables(ns: str, backend: XtablesBackend, family: Family = 4) -> dict[str, dict[str, list[str]]]:
     """iptables-save of nat and filter, normalised: per table, chain -> rules in order
     (nft lists chains in creation order, legacy by name; counters and comments dropped)."""
     out: dict[str, dict[str, list[str]]] = {}
@@ -75,7 +75,7 @@ def namespaces(netns_guard: None) -> Iterator[tuple[str, str]]:
             delete_netns(name)
 
 
-def reference(ns: str, backend: Backend, view: View) -> dict[str, dict[str, list[str]]]:
+def reference(ns: str, backend: XtablesBackend, view: View) -> dict[str, dict[str, list[str]]]:
     """A fresh engine's full sync of `view` (taking over whatever an earlier case left)."""
     SyncEngine(CFG, CommandRestorer(backend, netns=ns)).sync(view, None)
     return tables(ns, backend)
@@ -99,7 +99,7 @@ OPS = st.lists(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_partial_syncs_leave_what_a_fresh_full_sync_writes(
-    namespaces: tuple[str, str], backend: Backend
+    namespaces: tuple[str, str], backend: XtablesBackend
 ) -> None:
     work, ref = namespaces
 
@@ -147,7 +147,7 @@ class FailOnce:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_failed_restore_keeps_old_rules_and_next_sync_recovers(
-    namespaces: tuple[str, str], backend: Backend
+    namespaces: tuple[str, str], backend: XtablesBackend
 ) -> None:
     work, ref = namespaces
     restorer = FailOnce(CommandRestorer(backend, netns=work))
@@ -169,7 +169,9 @@ def test_failed_restore_keeps_old_rules_and_next_sync_recovers(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_flushed_chains_are_detected_and_repaired(namespaces: tuple[str, str], backend: Backend) -> None:
+def test_flushed_chains_are_detected_and_repaired(
+    namespaces: tuple[str, str], backend: XtablesBackend
+) -> None:
     work, ref = namespaces
     engine = SyncEngine(CFG, CommandRestorer(backend, netns=work))
     view = cluster(5, 2)
@@ -199,7 +201,7 @@ def test_flushed_chains_are_detected_and_repaired(namespaces: tuple[str, str], b
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unchanged_partial_sync_runs_no_restore(namespaces: tuple[str, str], backend: Backend) -> None:
+def test_unchanged_partial_sync_runs_no_restore(namespaces: tuple[str, str], backend: XtablesBackend) -> None:
     work, _ = namespaces
     engine = SyncEngine(CFG, CommandRestorer(backend, netns=work))
     view = cluster(3, 2)
@@ -209,7 +211,7 @@ def test_unchanged_partial_sync_runs_no_restore(namespaces: tuple[str, str], bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ipv6_partial_syncs_and_flush_repair(namespaces: tuple[str, str], backend: Backend) -> None:
+def test_ipv6_partial_syncs_and_flush_repair(namespaces: tuple[str, str], backend: XtablesBackend) -> None:
     work, ref = namespaces
     cfg = RenderConfig(family=6, node_name="node-a", cluster_cidr=("fd00:244::/48",))
     engine = SyncEngine(cfg, CommandRestorer(backend, netns=work))

@@ -40,10 +40,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kproxy.backends.iptables.naming import OWNED_PREFIXES
 from kproxy.errors import CleanupError, KproxyError
 from kproxy.infra import log
-from kproxy.netfilter.restore import BACKENDS, Backend, CommandRestorer, tool
+from kproxy.netfilter.restore import BACKENDS, CommandRestorer, XtablesBackend, tool
+from kproxy.netfilter.ruleset import OWNED_PREFIXES
 from kproxy.state.model import FAMILIES, Family
 
 _IPTABLES_MODE = {
@@ -319,7 +319,9 @@ def _device(host: CleanupHost, failures: list[tuple[str, str]]) -> tuple[int, li
         return None
 
 
-def _iptables(host: CleanupHost, backend: Backend, family: Family, failures: list[tuple[str, str]]) -> int:
+def _iptables(
+    host: CleanupHost, backend: XtablesBackend, family: Family, failures: list[tuple[str, str]]
+) -> int:
     save = tool(backend, family, "-save")
     if not host.which(save):
         return 0

@@ -68,8 +68,8 @@ from kproxy.infra import log
 from kproxy.netfilter.ruleset import ChainKey, Table
 from kproxy.state.model import Family
 
-Backend = Literal["legacy", "nft"]
-BACKENDS: tuple[Backend, ...] = ("legacy", "nft")
+XtablesBackend = Literal["legacy", "nft"]
+BACKENDS: tuple[XtablesBackend, ...] = ("legacy", "nft")
 KUBELET_MARKERS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 NFT_MIN_CHUNK = 1000
@@ -106,7 +106,7 @@ class Restorer(Protocol):
         missing; returns how many were inserted."""
 
 
-def tool(backend: Backend, family: Family, suffix: str = "") -> str:
+def tool(backend: XtablesBackend, family: Family, suffix: str = "") -> str:
     """`iptables-nft`, `ip6tables-legacy-restore`, ..."""
     return f"{'ip6' if family == 6 else 'ip'}tables-{backend}{suffix}"
 
@@ -150,7 +150,7 @@ def nft_chain_names(listing: str) -> dict[str, set[str]]:
 Runner = Callable[[Sequence[str]], str]
 
 
-def detect_backend(override: str | None = None, run: Runner | None = None) -> Backend:
+def detect_backend(override: str | None = None, run: Runner | None = None) -> XtablesBackend:
     """The backend already in use on this host (see the module docstring)."""
     if override:
         for known in BACKENDS:
@@ -158,8 +158,8 @@ def detect_backend(override: str | None = None, run: Runner | None = None) -> Ba
                 return known
         raise ConfigError("--iptables-backend", f"must be one of {', '.join(BACKENDS)}, not {override!r}")
     run = run or _run_quiet
-    texts: dict[Backend, str] = {}
-    backend: Backend
+    texts: dict[XtablesBackend, str] = {}
+    backend: XtablesBackend
     for backend in ("nft", "legacy"):
         # kubelet's marker lives in mangle; legacy must not be asked for one table (asking
         # creates it), so it is read whole, as the wrapper does.
@@ -187,8 +187,8 @@ def _run_quiet(argv: Sequence[str]) -> str:
 class CommandRestorer:
     """The real kernel, through the iptables tools of one backend."""
 
-    def __init__(self, backend: Backend, *, netns: str | None = None, wait_s: int = 5) -> None:
-        self.backend: Backend = backend
+    def __init__(self, backend: XtablesBackend, *, netns: str | None = None, wait_s: int = 5) -> None:
+        self.backend: XtablesBackend = backend
         self.netns = netns
         self.wait_s = wait_s
         self._prefix: tuple[str, ...] = ("nsenter", f"--net=/run/netns/{netns}") if netns else ()

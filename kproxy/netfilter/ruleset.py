@@ -16,6 +16,9 @@ Table = Literal["nat", "filter"]
 TABLES: tuple[Table, ...] = ("filter", "nat")
 ChainKey = tuple[Table, str]
 
+OWNED_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+"""Per-service chains kproxy (and kube-proxy) own outright and may flush or delete."""
+
 
 class Chain(NamedTuple):
     """A NamedTuple rather than a frozen dataclass: a cold render makes 110,000 of them at

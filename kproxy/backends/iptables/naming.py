@@ -131,7 +131,3 @@ def fw_chain(port_name: ServicePortName) -> str:
 def sep_chain(port_name: ServicePortName, hostport: str) -> str:
     """`hostport` is `Endpoint.hostport` (IPv6 in brackets)."""
     return "KUBE-SEP-" + _hash(str(port_name) + port_name.protocol.lower() + hostport)
-
-
-# Chains kproxy (and kube-proxy) own outright and may flush or delete.
-OWNED_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")

@@ -17,16 +17,16 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Protocol
 
-from kproxy.agent import SyncReport
+from kproxy.backends.base import SyncReport
 from kproxy.backends.iptables.render import CANARY
 from kproxy.backends.iptables.sync import SyncEngine
 from kproxy.config import RenderConfig
 from kproxy.errors import ConfigError, RestoreError
 from kproxy.infra import log
 from kproxy.netfilter.restore import (
-    Backend,
     CommandRestorer,
     Restorer,
+    XtablesBackend,
     call_in_netns,
     detect_backend,
     tool,
@@ -80,8 +80,8 @@ def _write(path: str, value: str) -> None:
 class CommandProbe:
     """The real host (or the network namespace `netns`), through the backend's tools and /proc/sys."""
 
-    def __init__(self, backend: Backend, *, netns: str | None = None) -> None:
-        self.backend: Backend = backend
+    def __init__(self, backend: XtablesBackend, *, netns: str | None = None) -> None:
+        self.backend: XtablesBackend = backend
         self.netns = netns
         self._prefix: tuple[str, ...] = ("nsenter", f"--net=/run/netns/{netns}") if netns else ()
 

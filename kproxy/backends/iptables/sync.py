@@ -35,14 +35,13 @@ from itertools import chain as concat
 from typing import NamedTuple
 
 from kproxy.backends.iptables.adopt import chains_in_save, same_rules
-from kproxy.backends.iptables.naming import OWNED_PREFIXES
 from kproxy.backends.iptables.render import CANARY, assemble, builtin_jumps, render_port
 from kproxy.config import RenderConfig
 from kproxy.errors import RestoreError
 from kproxy.infra import log
 from kproxy.infra.gcpause import gc_paused
 from kproxy.netfilter.restore import Restorer
-from kproxy.netfilter.ruleset import TABLES, ChainKey, PortRules, restore_payload
+from kproxy.netfilter.ruleset import OWNED_PREFIXES, TABLES, ChainKey, PortRules, restore_payload
 from kproxy.state.model import Endpoint, ServicePort, ServicePortName, port_order
 
 View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 
-from kproxy.agent import SyncReport
+from kproxy.backends.base import SyncReport
 from kproxy.backends.nftables.sync import NftSyncEngine
 from kproxy.backends.nftables.writer import NftWriter, host_writer
 from kproxy.config import RenderConfig

@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from kproxy.agent import SyncReport
+from kproxy.backends.base import SyncReport
 from kproxy.backends.userspace import handover, steering
 from kproxy.backends.userspace.proxier import Choice, UserspaceProxier
 from kproxy.config import RenderConfig
