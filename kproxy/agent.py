@@ -37,10 +37,10 @@ from kproxy.infra import log
 from kproxy.infra.runner import BoundedFrequencyRunner
 from kproxy.metrics import Metrics, MetricsServer, NoLocalEndpoints
 from kproxy.settings import Settings, bind_override
-from kproxy.sources.apiwatch import SourceEvent
 from kproxy.sources.dirwatch import watch_directory
-from kproxy.state.model import EndpointSlice, Family, ServiceKey
+from kproxy.state.model import Family
 from kproxy.tracking.changes import ChangeTracker, FamilyView
+from kproxy.tracking.events import apply_event
 
 if TYPE_CHECKING:
     from kproxy.netfilter.conntrack import ConntrackClient
@@ -308,7 +308,7 @@ class NodeAgent:
         if self.settings.manifests:
             await watch_directory(
                 self.settings.manifests,
-                self.tracker,
+                lambda ev: apply_event(self.tracker, ev),
                 self.changed,
                 report=self.metrics.manifest_files_in_error.set,
             )
@@ -382,34 +382,6 @@ def run_agent(settings: Settings) -> int:
     except ImportError:  # pragma: no cover - a declared dependency
         asyncio.run(main())
     return 0
-
-
-_KIND_OF_RESOURCE = {
-    "services": "Service",
-    "endpointslices": "EndpointSlice",
-    "endpoints": "Endpoints",
-    "nodes": "Node",
-}
-
-
-def apply_event(tracker: ChangeTracker, ev: SourceEvent) -> None:
-    """Feed one API event to the tracker (a relist is a replace: what is missing was deleted)."""
-    kind = _KIND_OF_RESOURCE[ev.resource]
-    if ev.kind == "listed":
-        tracker.replace(kind, [obj for objs in ev.items.values() for obj in objs])
-        return
-    ref = ev.ref
-    if ref is None:
-        return
-    if ev.kind == "upsert" and kind == "Endpoints":
-        tracker.set_legacy(
-            ServiceKey(ref.namespace, ref.name), [o for o in ev.objects if isinstance(o, EndpointSlice)]
-        )
-    elif ev.kind == "upsert" and ev.objects:
-        for obj in ev.objects:
-            tracker.upsert(obj)
-    else:
-        tracker.delete(kind, ref.namespace, ref.name)
 
 
 def install_signal_handlers(agent: NodeAgent) -> None:

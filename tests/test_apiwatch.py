@@ -21,12 +21,10 @@ from kproxy.errors import ConfigError, ObjectError
 from kproxy.sources.apiwatch import (
     PROXY_LABEL_SELECTOR,
     ApiSource,
-    Resource,
-    SourceEvent,
-    SourceMirror,
     WatchConfig,
     make_api_client,
 )
+from kproxy.sources.events import Resource, SourceEvent
 from kproxy.state.model import EndpointSlice, ObjectRef, Service
 from kproxy.state.parse import Parsed, parse_object_all
 from tests.apiserver_standin import (
@@ -37,6 +35,7 @@ from tests.apiserver_standin import (
     node,
     service,
 )
+from tests.support.mirror import SourceMirror
 
 NODE = "node-a"
 FAST = WatchConfig(

@@ -22,6 +22,7 @@ import pytest
 from kproxy.sources.dirwatch import ManifestDirectory, off_loop, watch_directory
 from kproxy.state.model import ServiceKey
 from kproxy.tracking.changes import ChangeTracker
+from kproxy.tracking.events import apply_event
 from tests.kobjects import at, endpoint_slice, node, service
 
 Event = dict[str, Any]
@@ -72,7 +73,7 @@ class Lab:
 
     def poll(self) -> None:
         if self.md.poll():
-            self.md.apply(self.tracker)
+            self.md.apply(lambda ev: apply_event(self.tracker, ev))
 
     def services(self) -> set[str]:
         return {str(k) for k in self.tracker.services}
@@ -260,7 +261,9 @@ def test_watch_directory_reports_files_in_error(tmp_path: Path) -> None:
 
     async def main() -> None:
         task = asyncio.create_task(
-            watch_directory(str(d), tracker, lambda: None, interval=0.01, report=seen.append)
+            watch_directory(
+                str(d), lambda ev: apply_event(tracker, ev), lambda: None, interval=0.01, report=seen.append
+            )
         )
         for _ in range(500):
             if seen:
@@ -280,7 +283,7 @@ def test_a_single_manifest_file_is_served_too(tmp_path: Path) -> None:
     one = write(tmp_path / "all.yaml", service())
     tracker = ChangeTracker(node_name="node-a", wait_for=frozenset({"Service"}))
     md = ManifestDirectory(str(one))
-    assert md.poll() and md.apply(tracker) == 1
+    assert md.poll() and md.apply(lambda ev: apply_event(tracker, ev)) == 1
     assert {str(k) for k in tracker.services} == {"demo/web"}
 
 

@@ -26,21 +26,19 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from kproxy.errors import ConfigError, ObjectError, SourceError
 from kproxy.infra import log
 from kproxy.infra.gcpause import gc_paused
+from kproxy.sources.events import Resource, SourceEvent
 from kproxy.state.model import ObjectRef
 from kproxy.state.parse import Parsed, parse_object_all
 
 _loads: Callable[[bytes], Any] = json.loads
 """orjson measured no faster end to end here (bench/decode_bench.py); pausing the GC was what paid."""
-
-Resource = Literal["services", "endpointslices", "endpoints", "nodes"]
-EventKind = Literal["listed", "upsert", "delete"]
 
 PROXY_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
 """kube-proxy's selector: services another proxy owns, and headless ones, never reach us."""
@@ -52,80 +50,6 @@ class Decoder(Protocol):
     def __call__(
         self, obj: Mapping[str, Any], source: str = "", *, warnings: list[ObjectError] | None = None
     ) -> tuple[Parsed, ...]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class SourceEvent:
-    """One thing the API told us, in order per resource.
-
-    - `listed`: `items` is the complete current set for `resource` (keyed by API identity);
-      apply it as a replace: anything of this resource not in it is gone. `gone` names what
-      this source had reported before and is missing now. `initial` marks the first list.
-    - `upsert`: `ref` now means `objects` (a legacy Endpoints may give one slice per family).
-    - `delete`: `ref` is gone (deleted, no longer matching the selectors, or now unusable).
-    """
-
-    kind: EventKind
-    resource: Resource
-    ref: ObjectRef | None = None
-    objects: tuple[Parsed, ...] = ()
-    items: Mapping[ObjectRef, tuple[Parsed, ...]] = field(default_factory=dict)
-    gone: frozenset[ObjectRef] = frozenset()
-    initial: bool = False
-    resource_version: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    ref: ObjectRef
-    old: tuple[Parsed, ...]
-    new: tuple[Parsed, ...]
-
-
-class SourceMirror:
-    """The current objects per resource, kept by applying `SourceEvent`s in order.
-
-    `apply` says what actually changed, so a consumer can mark just those services dirty and
-    skip no-op relists and bookmarks-driven resyncs.
-    """
-
-    def __init__(self) -> None:
-        self._by: dict[Resource, dict[ObjectRef, tuple[Parsed, ...]]] = {}
-        self._listed: set[Resource] = set()
-
-    def apply(self, ev: SourceEvent) -> list[Change]:
-        table = self._by.setdefault(ev.resource, {})
-        if ev.kind == "listed":
-            changes = [Change(ref, old, ()) for ref, old in table.items() if ref not in ev.items]
-            changes.extend(
-                Change(ref, table.get(ref, ()), new) for ref, new in ev.items.items() if table.get(ref) != new
-            )
-            self._by[ev.resource] = dict(ev.items)
-            self._listed.add(ev.resource)
-            return changes
-        if ev.ref is None:
-            return []
-        old = table.get(ev.ref, ())
-        if ev.kind == "upsert":
-            if old == ev.objects:
-                return []
-            table[ev.ref] = ev.objects
-            return [Change(ev.ref, old, ev.objects)]
-        if ev.ref not in table:
-            return []
-        del table[ev.ref]
-        return [Change(ev.ref, old, ())]
-
-    def listed(self, resources: Sequence[Resource]) -> bool:
-        return self._listed.issuperset(resources)
-
-    def objects(self) -> Iterator[Parsed]:
-        for table in self._by.values():
-            for objs in table.values():
-                yield from objs
-
-    def get(self, resource: Resource) -> Mapping[ObjectRef, tuple[Parsed, ...]]:
-        return self._by.get(resource, {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,13 +493,8 @@ class ApiSource:
     """Every watched resource of one API server, delivered as `SourceEvent`s on `events`.
 
     `synced` is set once every resource's first list is in the queue; nothing should be written
-    to the kernel before that (kube-proxy waits the same way). A consumer typically does:
-
-        async with ApiSource(make_api_client(kubeconfig=path), WatchConfig(node_name=name)) as src:
-            mirror = SourceMirror()
-            while True:
-                changes = mirror.apply(await src.events.get())   # then mark those services dirty
-                ready = mirror.listed(src.resources)
+    to the kernel before that (kube-proxy waits the same way). The node agent feeds each event to
+    the change tracker with `kproxy.tracking.events.apply_event`.
     """
 
     def __init__(self, api_client: Any, cfg: WatchConfig, *, decode: Decoder = parse_object_all) -> None:

@@ -3,7 +3,7 @@
 The directory is polled by stat: that survives editors that replace files and Kubernetes
 ConfigMap mounts that swap a symlink, where inotify watches on the old inode silently go
 stale. Only files whose stamp (device, inode, mtime, size) changed are read again; each kind
-is then handed to the sink as a full list and the change tracker drops what did not change.
+is then handed to the sink as a `listed` event and the change tracker drops what did not change.
 
 Bad input never takes a working service down, as the API server would refuse a bad update
 and keep serving the stored object:
@@ -29,34 +29,23 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from kproxy.errors import ObjectError
 from kproxy.infra import log
+from kproxy.sources.events import RESOURCES, Resource, SourceEvent, resource_of
 from kproxy.sources.files import Entry, ReadError, file_format, read_manifest, scan_path
-from kproxy.state.model import EndpointSlice, Node, Service
+from kproxy.state.model import EndpointSlice, KObject, Node, ObjectRef
 from kproxy.state.parse import is_document_error, parse_stream
 
-KObject = Service | EndpointSlice | Node
-KINDS = ("Service", "EndpointSlice", "Endpoints", "Node")
 T = TypeVar("T")
 
 Identity = tuple[str, str, str]
 """(kind, namespace, name) as an ObjectError names the object: a legacy Endpoints by its own name."""
 
 
-class Sink(Protocol):
-    """Where a source delivers objects; the change tracker is one."""
-
-    def replace(self, kind: str, objects: list[KObject]) -> int: ...
-
-
-def _kind(obj: KObject) -> str:
-    if isinstance(obj, Service):
-        return "Service"
-    if isinstance(obj, Node):
-        return "Node"
-    return "Endpoints" if obj.legacy else "EndpointSlice"
+Sink = Callable[[SourceEvent], int]
+"""Where a source delivers its events; returns how many changes an event made."""
 
 
 def _identity(obj: KObject) -> Identity:
@@ -64,7 +53,7 @@ def _identity(obj: KObject) -> Identity:
         return ("Node", "", obj.name)
     if isinstance(obj, EndpointSlice) and obj.legacy:
         return ("Endpoints", obj.namespace, obj.service_name)
-    return (_kind(obj), obj.namespace, obj.name)
+    return (type(obj).__name__, obj.namespace, obj.name)
 
 
 def _problem_key(e: ObjectError) -> tuple[str, str, str]:
@@ -213,21 +202,23 @@ class ManifestDirectory:
         )
         return objects is not None and bool(objects)
 
-    def by_kind(self) -> dict[str, list[KObject]]:
-        out: dict[str, list[KObject]] = {k: [] for k in KINDS}
+    def by_resource(self) -> dict[Resource, dict[ObjectRef, tuple[KObject, ...]]]:
+        out: dict[Resource, dict[ObjectRef, tuple[KObject, ...]]] = {r: {} for r in RESOURCES}
         for path in sorted(self.files):
             for obj in self.files[path].objects:
-                out[_kind(obj)].append(obj)
+                items = out[resource_of(obj)]
+                ref = ObjectRef(*_identity(obj))
+                items[ref] = (*items.get(ref, ()), obj)
         return out
 
     def apply(self, sink: Sink) -> int:
-        """Hand every kind over as a full list (on the thread that owns the sink)."""
-        by_kind = self.by_kind()
-        changed = sum(sink.replace(kind, objs) for kind, objs in by_kind.items())
+        """Hand every resource over as a `listed` event (on the thread that owns the sink)."""
+        by_resource = self.by_resource()
+        changed = sum(sink(SourceEvent("listed", r, items=items)) for r, items in by_resource.items())
         log.info(
             "manifests_loaded",
             path=self.path,
-            objects=sum(map(len, by_kind.values())),
+            objects=sum(len(objs) for items in by_resource.values() for objs in items.values()),
             files_in_error=self.files_in_error,
             changed=changed,
         )

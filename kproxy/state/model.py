@@ -169,6 +169,10 @@ class Node:
         return ""
 
 
+KObject = Service | EndpointSlice | Node
+"""Any object a source delivers."""
+
+
 # ----------------------------------------------------------- per-family layer
 
 

@@ -19,6 +19,7 @@ from kproxy.state.model import (
     Endpoint,
     EndpointSlice,
     Family,
+    KObject,
     Node,
     Service,
     ServiceKey,
@@ -26,7 +27,6 @@ from kproxy.state.model import (
     ServicePortName,
 )
 
-KObject = Service | EndpointSlice | Node
 RESOURCES = ("Service", "EndpointSlice", "Endpoints", "Node")
 
 PortEntry = tuple[ServicePort, tuple[Endpoint, ...]]
@@ -46,14 +46,6 @@ class PendingChanges:
     @property
     def empty(self) -> bool:
         return not self.services and not self.node_changed
-
-
-def _kind_of(obj: KObject) -> str:
-    if isinstance(obj, Service):
-        return "Service"
-    if isinstance(obj, Node):
-        return "Node"
-    return "Endpoints" if obj.legacy else "EndpointSlice"
 
 
 @dataclass
@@ -96,7 +88,7 @@ class ChangeTracker:
             self._node_dirty = True
             self._touch()
             return True
-        kind = _kind_of(obj)
+        kind = "Endpoints" if obj.legacy else "EndpointSlice"
         owner_key = (kind, obj.namespace, obj.name)
         key = obj.service
         previous_owner = self._slice_owner.get(owner_key)

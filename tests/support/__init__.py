@@ -1,0 +1,1 @@
+"""Helpers shared by tests: fakes, stand-ins and oracles that production code never calls."""
