@@ -12,7 +12,10 @@ KproxyError
 
 from __future__ import annotations
 
-from kproxy.state.model import ObjectRef
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kproxy.state.model import ObjectRef
 
 
 class KproxyError(Exception):
