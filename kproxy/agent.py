@@ -43,6 +43,8 @@ from kproxy.tracking.changes import ChangeTracker, FamilyView
 from kproxy.tracking.events import apply_event
 
 if TYPE_CHECKING:
+    from kproxy.backends.userspace.proxier import Engine
+    from kproxy.backends.userspace.tcp import Hooks
     from kproxy.netfilter.conntrack import ConntrackClient
 
 
@@ -69,6 +71,7 @@ class NodeAgent:
         *,
         node_ips: tuple[str, ...] = (),
         follow_addresses: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -78,14 +81,14 @@ class NodeAgent:
         # The Node too: rendering before its pod CIDRs and zone are known means a second full sync.
         wait = {"Service", "Endpoints" if settings.use_endpoints else "EndpointSlice", "Node"}
         self.tracker = ChangeTracker(node_name=settings.node_name, wait_for=frozenset(wait))
-        self.families: tuple[Family, ...] = tuple(f for f in (4, 6) if f in settings.families)
+        self.families = families_of(settings)
         self.views = {f: FamilyView(f, settings.node_name) for f in self.families}
         # With an API server the Node must be known for /healthz to pass, as kube-proxy's.
         self.health = ProxierHealth.for_sync_period(
             settings.sync_period, families=self.families, node_required=not settings.manifests
         )
         self._health_node: object = None
-        self.metrics = Metrics(families=self.families)
+        self.metrics = metrics if metrics is not None else Metrics(families=self.families)
         self.runner = BoundedFrequencyRunner(self._sync, settings.min_sync_period, settings.sync_period)
         self._cfgs: dict[Family, RenderConfig] = {}
         self._stopping = asyncio.Event()
@@ -335,11 +338,27 @@ class NodeAgent:
         self.runner.stop()
 
 
-def make_backend(settings: Settings) -> ProxyBackend:
+def families_of(settings: Settings) -> tuple[Family, ...]:
+    return tuple(f for f in (4, 6) if f in settings.families)
+
+
+def userspace_hooks(metrics: Metrics) -> Hooks:
+    """The userspace forwarder's events, counted on /metrics."""
+    from kproxy.backends.userspace.tcp import Hooks
+
+    metrics.track_userspace()
+    return Hooks(
+        connection_limit=metrics.userspace_connection_refused, dial_failure=metrics.userspace_dial_failed
+    )
+
+
+def make_backend(settings: Settings, metrics: Metrics | None = None) -> ProxyBackend:
     if settings.proxy_mode == "userspace":
         from kproxy.backends.userspace.mode import UserspaceMode
 
-        return UserspaceMode.for_host(settings)
+        engine: Engine = "protocol" if settings.userspace_tcp_engine == "protocol" else "raw"
+        hooks = userspace_hooks(metrics) if metrics is not None else None
+        return UserspaceMode.for_host(settings.iptables_backend, engine=engine, hooks=hooks)
     if settings.proxy_mode == "nftables":
         from kproxy.backends.nftables.proxier import NftablesProxier
 
@@ -359,13 +378,14 @@ def run_agent(settings: Settings) -> int:
     from kproxy.infra.nodeaddr import node_addresses
 
     log.setup(settings.effective_log_level, fmt=settings.logging_format)
+    metrics = Metrics(families=families_of(settings))
     try:
-        backend = make_backend(settings)
+        backend = make_backend(settings, metrics)
     except KproxyError as e:
         log.error("startup_failed", error=str(e))
         sys.stderr.write(f"kproxy: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
         return 1
-    agent = NodeAgent(settings, backend, node_ips=node_addresses(), follow_addresses=True)
+    agent = NodeAgent(settings, backend, node_ips=node_addresses(), follow_addresses=True, metrics=metrics)
     if settings.proxy_mode in ("iptables", "nftables"):
         from kproxy.netfilter.conntrack import NetlinkConntrack
 

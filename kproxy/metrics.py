@@ -189,13 +189,37 @@ class Metrics:
         self._kproxy_metrics(r)
 
     def _kproxy_metrics(self, registry: CollectorRegistry) -> None:
-        """Metrics kube-proxy does not have (prefix kproxy_)."""
+        """Metrics kube-proxy does not have (prefix kproxy_). Userspace mode adds its own (`track_userspace`)."""
         self.manifest_files_in_error = Gauge(
             "kproxy_manifest_files_in_error",
             "Manifest files (--manifests) whose latest content could not be read or parsed; "
             "their last good objects are still served",
             registry=registry,
         )
+
+    def track_userspace(self) -> None:
+        """Register the userspace forwarder's counters (idempotent)."""
+        if hasattr(self, "userspace_refused"):
+            return
+        self.userspace_refused = Counter(
+            "kproxy_userspace_connections_refused_total",
+            "Connections the userspace proxy closed because its connection limit was reached",
+            ["service_port"],
+            registry=self.registry,
+        )
+        self.userspace_dial_failures = Counter(
+            "kproxy_userspace_dial_failures_total",
+            "Failed attempts of the userspace proxy to connect to an endpoint",
+            ["service_port"],
+            registry=self.registry,
+        )
+
+    def userspace_connection_refused(self, service_port: str) -> None:
+        self.userspace_refused.labels(service_port).inc()
+
+    def userspace_dial_failed(self, service_port: str, endpoint: str) -> None:
+        """Per service port only: an endpoint label would grow a series per pod ever dialled."""
+        self.userspace_dial_failures.labels(service_port).inc()
 
     # ------------------------------------------------------------ agent API
 

@@ -79,6 +79,7 @@ class Settings:
     kube_api_burst: int = 10
     kube_api_content_type: str = "application/vnd.kubernetes.protobuf"
     iptables_backend: str = "auto"
+    userspace_tcp_engine: str = "raw"
     families: tuple[int, ...] = (4, 6)
     use_endpoints: bool = False
     """Watch legacy v1 Endpoints instead of EndpointSlices (old clusters)."""
@@ -927,6 +928,14 @@ FLAGS: tuple[Flag, ...] = (
         _choice(("auto", "legacy", "nft")),
         "legacy or nft; auto follows the rules already on the host (kproxy)",
         "auto",
+        kind="always",
+    ),
+    _flag(
+        "--userspace-tcp-engine",
+        "userspace_tcp_engine",
+        _choice(("raw", "protocol")),
+        "userspace mode's TCP forwarder: raw sockets and splice, or uvloop transports (kproxy)",
+        "raw",
         kind="always",
     ),
     _flag(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import Mapping
 from dataclasses import replace
 
-from kproxy.agent import NodeAgent
+import pytest
+
+from kproxy.agent import NodeAgent, make_backend
 from kproxy.backends.base import SyncReport
 from kproxy.config import RenderConfig
 from kproxy.errors import RestoreError
-from kproxy.settings import Settings
+from kproxy.metrics import Metrics
+from kproxy.settings import Settings, add_run_arguments, from_args
 from kproxy.state.model import Family, Node, ServicePortName
 from kproxy.tracking.changes import PortEntry
 from tests.test_changes import eps, svc
@@ -134,3 +138,22 @@ def test_sync_log_line_names_the_services_it_changed() -> None:
     assert name_some([]) == ""
     assert name_some(["b/x", "a/y"]) == "a/y,b/x"
     assert name_some([f"ns/s{i}" for i in range(8)]) == "ns/s0,ns/s1,ns/s2,ns/s3,ns/s4,+3 more"
+
+
+def test_userspace_mode_gets_the_engine_flag_and_metric_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kproxy.backends.userspace import mode
+
+    monkeypatch.setattr(mode, "detect_backend", lambda override=None: "nft")
+    p = argparse.ArgumentParser()
+    add_run_arguments(p)
+    settings = from_args(
+        p.parse_args(["--node-name=n", "--proxy-mode=userspace", "--userspace-tcp-engine=protocol"])
+    )
+    metrics = Metrics()
+    backend = make_backend(settings, metrics)
+    assert isinstance(backend, mode.UserspaceMode)
+    assert backend.engine == "protocol"
+    assert backend.hooks is not None
+    backend.hooks.connection_limit("default/web")
+    label = {"service_port": "default/web"}
+    assert metrics.registry.get_sample_value("kproxy_userspace_connections_refused_total", label) == 1

@@ -22,9 +22,11 @@ from typing import Any, cast
 import pytest
 import uvloop
 
+from kproxy.agent import userspace_hooks
 from kproxy.backends.userspace.proxier import UserspaceProxier
 from kproxy.backends.userspace.sctp import sctp_unsupported
 from kproxy.backends.userspace.tcp import Hooks
+from kproxy.metrics import Metrics
 from kproxy.state.model import Endpoint, EndpointSlice, Protocol, ServicePort, ServicePortName
 
 LO = "127.0.0.1"
@@ -709,3 +711,26 @@ def test_out_of_descriptors_pauses_accepting_then_recovers(fd_limit: int) -> Non
             server.kill()
 
     run(main())
+
+
+def test_refusals_and_dial_failures_are_counted_on_metrics(engine: dict[str, Any]) -> None:
+    """The hooks `kproxy run` wires into userspace mode reach /metrics."""
+    metrics = Metrics()
+
+    async def body(p: UserspaceProxier, servers: list[TcpServer]) -> None:
+        dead = servers[1].endpoint
+        servers[1].kill()
+        await p.sync(view([dead]))
+        port = p.port_of(spn())
+        assert port
+        await refused(port)
+        await p.sync(view([servers[0].endpoint]))
+        held = await connect(port)
+        await refused(port)
+        held[1].close()
+
+    with_proxier(body, engine, max_connections=1, hooks=userspace_hooks(metrics))
+    label = {"service_port": "default/web"}
+    dial_failures = metrics.registry.get_sample_value("kproxy_userspace_dial_failures_total", label)
+    assert dial_failures is not None and dial_failures >= 1  # one per attempt; engines retry differently
+    assert metrics.registry.get_sample_value("kproxy_userspace_connections_refused_total", label) == 1

@@ -16,12 +16,12 @@ from typing import Any
 
 from kproxy.backends.base import SyncReport
 from kproxy.backends.userspace import handover, steering
-from kproxy.backends.userspace.proxier import Choice, UserspaceProxier
+from kproxy.backends.userspace.proxier import Choice, Engine, UserspaceProxier
+from kproxy.backends.userspace.tcp import Hooks
 from kproxy.config import RenderConfig
 from kproxy.infra import log
 from kproxy.netfilter.restore import CommandRestorer, Restorer, detect_backend
 from kproxy.netfilter.ruleset import ChainKey, restore_payload
-from kproxy.settings import Settings
 from kproxy.state.model import Family, ServicePortName
 from kproxy.tracking.changes import PortEntry
 
@@ -29,8 +29,11 @@ from kproxy.tracking.changes import PortEntry
 class UserspaceMode:
     mode = "userspace"
 
-    def __init__(self, restorer: Restorer) -> None:
+    def __init__(self, restorer: Restorer, *, engine: Engine = "raw", hooks: Hooks | None = None) -> None:
+        """`engine` picks the TCP forwarder (see `UserspaceProxier`); `hooks` carry its metrics."""
         self.restorer = restorer
+        self.engine: Engine = engine
+        self.hooks = hooks
         self.proxiers: dict[Family, UserspaceProxier] = {}
         self._jumps_ensured: set[Family] = set()
         self._applied: dict[Family, dict[ChainKey, tuple[str, ...]]] = {}
@@ -39,9 +42,11 @@ class UserspaceMode:
         self._keeper = handover.Keeper()
 
     @classmethod
-    def for_host(cls, settings: Settings) -> UserspaceMode:
-        chosen = detect_backend(None if settings.iptables_backend == "auto" else settings.iptables_backend)
-        return cls(CommandRestorer(chosen))
+    def for_host(
+        cls, backend: str = "auto", *, engine: Engine = "raw", hooks: Hooks | None = None
+    ) -> UserspaceMode:
+        chosen = detect_backend(None if backend == "auto" else backend)
+        return cls(CommandRestorer(chosen), engine=engine, hooks=hooks)
 
     @staticmethod
     def _host_ip(family: Family, cfg: RenderConfig) -> str:
@@ -60,7 +65,9 @@ class UserspaceMode:
             self._received = await asyncio.to_thread(handover.receive)
         proxier = self.proxiers.get(family)
         if proxier is None:
-            proxier = self.proxiers[family] = UserspaceProxier(family=family)
+            proxier = self.proxiers[family] = UserspaceProxier(
+                family=family, engine=self.engine, hooks=self.hooks
+            )
             if self._received is not None:
                 prefix = f"{family}|"
                 proxier.inherit({k: v for k, v in self._received.sockets.items() if k.startswith(prefix)})
