@@ -95,7 +95,7 @@ def best(ports: list[tuple[ServicePort, tuple[Endpoint, ...]]], pause: bool, col
     for _ in range(repeat):
         if cold:
             render_port.cache_clear()
-            render._sep.cache_clear()
+            render._sep.clear()
         results.append(run(ports, cfg, pause))
     laps, lines = min(results, key=lambda r: sum(cpu for _, cpu in r[0]))
     return fmt(f"{'cold' if cold else 'warm'}, gc {'paused' if pause else 'on'}", laps, lines)

@@ -217,7 +217,7 @@ def worker(backend: Backend, case: dict[str, Any], repeat: int, rewrite_timeout:
     cold, cold_cpu, warm = [], [], []
     for _ in range(repeat):
         render_port.cache_clear()
-        render._sep.cache_clear()
+        render._sep.clear()
         t, c = time.perf_counter(), time.process_time()
         render_view(base, CFG)
         cold.append(time.perf_counter() - t)

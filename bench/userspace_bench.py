@@ -179,6 +179,7 @@ class Bench:
     def spawn(self, ns: str, argv: Sequence[str], *, ready: str | None = None) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(
             ["ip", "netns", "exec", self.ns[ns], *argv],
+            cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -318,7 +319,7 @@ class Bench:
             argv = [
                 sys.executable,
                 "-m",
-                "kproxy.backends.userspace.bench_server",
+                "bench.userspace_server",
                 "--bind",
                 NODE_IP,
                 "--exit-on-stdin-eof",

@@ -34,13 +34,11 @@ when this node's object changes. `health()` judges it:
 
 `ServiceHealthServer` opens one listener per LoadBalancer service with
 externalTrafficPolicy Local on its healthCheckNodePort. The agent hands it the
-whole wanted set after each sync, as kube-proxy does:
+whole wanted set after each sync, as kube-proxy does, from a `ServiceHealthIndex`
+kept up to date port by port:
 
-    await shs.sync_services(health_check_ports(view.values()))
-    shs.sync_endpoints(local_ready_endpoints(view.values()))
-
-(`view` as kproxy.state.build.view returns it; chain both families' views on a
-dual-stack node.)
+    await shs.sync_services(index.wanted)
+    shs.sync_endpoints(index.local_ready)
 
 Any path answers 200 when the service has local endpoints and the proxy is
 healthy, else 503, with header X-Load-Balancing-Endpoint-Weight: <count> and a
@@ -271,37 +269,14 @@ class HealthServer:
         await self._http.close()
 
 
-def health_check_ports(ports: Iterable[tuple[ServicePort, Sequence[Endpoint]]]) -> dict[ServiceKey, int]:
-    """Services that want a health-check node port: LoadBalancer with externalTrafficPolicy Local."""
-    return {
-        sp.name.service: sp.health_check_node_port
-        for sp, _ in ports
-        if sp.health_check_node_port and sp.external_local
-    }
-
-
-def local_ready_endpoints(ports: Iterable[tuple[ServicePort, Sequence[Endpoint]]]) -> dict[ServiceKey, int]:
-    """Distinct local ready endpoint IPs per service, as kube-proxy counts them.
-
-    Ready, not merely serving: a node whose only local endpoints are terminating
-    should fail its check so load balancers drain it. One pod exposing two ports
-    counts once.
-    """
-    ips: dict[ServiceKey, set[str]] = {}
-    for sp, endpoints in ports:
-        for ep in endpoints:
-            if ep.is_local and ep.ready:
-                ips.setdefault(sp.name.service, set()).add(ep.ip)
-    return {k: len(v) for k, v in ips.items()}
-
-
 class ServiceHealthIndex:
-    """`health_check_ports` and `local_ready_endpoints` kept up to date port by port.
+    """Which services want a health-check node port (LoadBalancer, externalTrafficPolicy
+    Local), and how many distinct local ready endpoint IPs each has, kept up to date port by port.
 
     A sync hands over only the port names its view reported changed, so a change to one
-    service costs one service's endpoints, not the whole cluster's (the two functions above
-    walk every endpoint: 100,000 at 10,000 services). Both results always equal the
-    functions applied to the current views; tests hold it to that.
+    service costs one service's endpoints, not the whole cluster's (recomputing from scratch
+    walks every endpoint: 100,000 at 10,000 services). Both results always equal the
+    from-scratch answers (tests/support/health.py) applied to the current views; tests hold it to that.
     """
 
     def __init__(self) -> None:

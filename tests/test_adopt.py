@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kproxy.backends.iptables.adopt import adoptable, canonical_rule, chains_in_save
+from kproxy.backends.iptables.adopt import canonical_rule, chains_in_save
+from tests.support.adopt import adoptable
 
 SAME = [
     (

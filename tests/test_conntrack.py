@@ -13,17 +13,15 @@ import pytest
 
 from kproxy.netfilter.conntrack import (
     ConntrackClient,
-    FakeConntrack,
     Flow,
     NetlinkConntrack,
-    PyrouteConntrack,
     clean_stale_entries,
-    cleanup_needed,
     serving_sets,
     stale_flows,
 )
 from kproxy.state.model import Endpoint, Family, Protocol, ServiceKey, ServicePort, ServicePortName
 from tests.netns import create_netns, delete_netns, entered, exec_in, ip_batch
+from tests.support.conntrack import FakeConntrack, PyrouteConntrack, cleanup_needed
 
 VIP = "10.96.0.10"
 EXT = "203.0.113.7"

@@ -18,14 +18,13 @@ from kproxy.health import (
     ServiceHealthIndex,
     ServiceHealthServer,
     go_time,
-    health_check_ports,
     healthz_response,
     livez_response,
-    local_ready_endpoints,
 )
 from kproxy.metrics import Metrics
 from kproxy.state.model import Endpoint, Node, ServiceKey, ServicePort, ServicePortName
 from tests.httpclient import get, refused
+from tests.support.health import health_check_ports, local_ready_endpoints
 
 T0 = 1_700_000_000.0
 SYNC_PERIOD = 30.0

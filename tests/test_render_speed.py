@@ -12,10 +12,11 @@ import random
 import pytest
 
 from kproxy.backends.iptables import render
-from kproxy.backends.iptables.naming import hash16, sep_chain, sep_chains
+from kproxy.backends.iptables.naming import hash16, sep_chains
 from kproxy.backends.iptables.render import render_port
 from kproxy.config import RenderConfig
 from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
+from tests.support.naming import sep_chain
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 63, 64, 65, 128, 129, 300], ids=lambda n: f"{n}-names")
@@ -62,7 +63,7 @@ def test_sep_names_stay_right_as_endpoints_come_and_go(family: Family) -> None:
     def ep(i: int) -> Endpoint:
         return Endpoint(f"10.244.0.{i}" if family == 4 else f"fd00:244::{i:x}", 8080)
 
-    render._sep.cache_clear()
+    render._sep.clear()
     for members in ([1, 2, 3], [2, 3, 4], [4], [1, 2, 3, 4, 5], []):
         eps = tuple(sorted((ep(i) for i in members), key=lambda e: e.hostport))
         render_port.cache_clear()

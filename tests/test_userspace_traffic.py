@@ -17,6 +17,7 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -30,6 +31,8 @@ from kproxy.metrics import Metrics
 from kproxy.state.model import Endpoint, EndpointSlice, Protocol, ServicePort, ServicePortName
 
 LO = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository: `bench.userspace_server` runs from there."""
 
 
 def run(coro: Coroutine[Any, Any, None], timeout: float = 30.0) -> None:
@@ -660,7 +663,7 @@ def test_out_of_descriptors_pauses_accepting_then_recovers(fd_limit: int) -> Non
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "kproxy.backends.userspace.bench_server",
+            "bench.userspace_server",
             "--bind",
             LO,
             "--service",
@@ -670,6 +673,7 @@ def test_out_of_descriptors_pauses_accepting_then_recovers(fd_limit: int) -> Non
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=low_fd_limit,
+            cwd=ROOT,
         )
         conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         try:

@@ -29,18 +29,15 @@ two service ports ever claim the same frontend (IP and port, or node port),
 kproxy uses the union of their serving endpoints, so the outcome does not depend
 on iteration order as kube-proxy's map visit does.
 
-Pure part: `serving_sets(ports)` and `stale_flows(flows, serving)`, plus
-`cleanup_needed(...)` saying whether a sync warrants a run at all.
+Pure part: `serving_sets(ports)` and `stale_flows(flows, serving)`.
 I/O part: `ConntrackClient` (list UDP flows of a family, delete some), with
 `NetlinkConntrack` speaking ctnetlink on a netlink socket (no `conntrack`
-binary; optionally in a named network namespace, opened through pyroute2),
-`PyrouteConntrack` doing the same through pyroute2's Conntrack API (too slow
-for big tables, kept as a cross-check), and `FakeConntrack` for tests.
-The agent calls, after a successful sync of `family`:
+binary; optionally in a named network namespace, opened through pyroute2).
+(tests/support/conntrack.py holds a pyroute2-based cross-check and an in-memory fake.)
+The agent calls, after a sync of `family` that changed a UDP service port:
 
-    if cleanup_needed(changed_services, old_view.values(), new_view.values()):
-        result = await clean_stale_entries_async(client, family, new_view.values())
-        metrics.conntrack_cleaned(family, deleted=result.deleted, seconds=result.seconds)
+    result = await clean_stale_entries_async(client, family, view.values())
+    metrics.conntrack_cleaned(family, deleted=result.deleted, seconds=result.seconds)
 """
 
 from __future__ import annotations
@@ -53,15 +50,15 @@ import socket
 import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from pyroute2.netlink import NETLINK_NETFILTER
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
 
 from kproxy.infra import log
-from kproxy.state.model import Endpoint, Family, ServiceKey, ServicePort
+from kproxy.state.model import Endpoint, Family, ServicePort
 
 PortsView = Iterable[tuple[ServicePort, Sequence[Endpoint]]]
 """`build.view(...).values()`: each service port of one family with all its endpoints (before topology)."""
@@ -134,18 +131,6 @@ def stale_flows(flows: Iterable[Flow], serving: ServingSets) -> list[Flow]:
     return out
 
 
-def udp_services(ports: PortsView) -> frozenset[ServiceKey]:
-    return frozenset(sp.name.service for sp, _ in ports if sp.protocol == "UDP")
-
-
-def cleanup_needed(changed: Iterable[ServiceKey], before: PortsView, after: PortsView) -> bool:
-    """kube-proxy runs the reconciler when a service whose endpoints changed had or has a UDP port."""
-    changed = set(changed)
-    if not changed:
-        return False
-    return not changed.isdisjoint(udp_services(before) | udp_services(after))
-
-
 # ------------------------------------------------------------------ I/O
 
 
@@ -189,7 +174,7 @@ async def clean_stale_entries_async(
     client: ConntrackClient, family: Family, ports: PortsView
 ) -> CleanupResult:
     """The same in a worker thread: a dump of a big table takes a while, and pyroute2's
-    synchronous API (PyrouteConntrack) runs an event loop of its own, which cannot nest."""
+    synchronous API runs an event loop of its own, which cannot nest."""
     snapshot = list(ports)
     return await asyncio.to_thread(clean_stale_entries, client, family, snapshot)
 
@@ -317,7 +302,7 @@ def _parse_entry(buf: memoryview, start: int, end: int, family: Family) -> Flow 
 class NetlinkConntrack:
     """ctnetlink spoken directly on a netlink socket: a dump of the family's UDP entries and batched deletes.
 
-    pyroute2's conntrack API (`PyrouteConntrack` below) decodes every attribute of
+    pyroute2's conntrack API (the cross-check in tests/support/conntrack.py) decodes every attribute of
     every entry into objects, about 1.5 ms an entry here, so a 100,000-entry table
     would take minutes per pass. This reads only the fields the decision needs
     (about 100 times faster) and sends deletes in batches of 256 without a round
@@ -415,88 +400,3 @@ class NetlinkConntrack:
                     elif code != errno.ENOENT:
                         raise OSError(code, f"conntrack delete {f}: {os.strerror(code)}")
         return deleted
-
-
-class PyrouteConntrack:
-    """The same through pyroute2's high-level Conntrack API: simple, but slow on big tables (see above).
-
-    Kept as a cross-check for `NetlinkConntrack` and as a fallback.
-    """
-
-    def __init__(self, netns: str | None = None) -> None:
-        self.netns = netns
-
-    def _open(self, family: Family) -> Any:
-        from pyroute2 import Conntrack
-
-        kwargs: dict[str, Any] = {"nfgen_family": _AF[family]}
-        if self.netns is not None:
-            kwargs.update(netns=self.netns, flags=0)  # flags=0: never create the namespace
-        return Conntrack(**kwargs)
-
-    def list_udp(self, family: Family) -> list[Flow]:
-        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
-        ct = self._open(family)
-        try:
-            match = NFCTAttrTuple(family=_AF[family], proto=socket.IPPROTO_UDP)
-            out = []
-            for e in ct.dump_entries(tuple_orig=match):
-                o, r = e.tuple_orig, e.tuple_reply
-                if o.proto == socket.IPPROTO_UDP:
-                    out.append(
-                        Flow(family, o.saddr, o.daddr, o.sport, o.dport, r.saddr, e.zone or 0, r.sport)
-                    )
-            return out
-        finally:
-            ct.close()
-
-    def delete(self, flows: Sequence[Flow]) -> int:
-        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
-        by_family: dict[Family, list[Flow]] = {}
-        for f in flows:
-            by_family.setdefault(f.family, []).append(f)
-        deleted = 0
-        for family, group in by_family.items():
-            ct = self._open(family)
-            try:
-                for f in group:
-                    tup = NFCTAttrTuple(
-                        family=_AF[family],
-                        saddr=f.src,
-                        daddr=f.dst,
-                        proto=socket.IPPROTO_UDP,
-                        sport=f.sport,
-                        dport=f.dport,
-                    )
-                    try:
-                        ct.entry("del", tuple_orig=tup)
-                    except NetlinkError as exc:
-                        if exc.code == errno.ENOENT:
-                            continue
-                        raise OSError(exc.code, f"conntrack delete {f}: {exc}") from exc
-                    deleted += 1
-            finally:
-                ct.close()
-        return deleted
-
-
-@dataclass
-class FakeConntrack:
-    """An in-memory table: tests put flows in and look at what is left."""
-
-    flows: list[Flow] = field(default_factory=list)
-    deleted: list[Flow] = field(default_factory=list)
-
-    def list_udp(self, family: Family) -> list[Flow]:
-        return [f for f in self.flows if f.family == family]
-
-    def delete(self, flows: Sequence[Flow]) -> int:
-        n = 0
-        for f in flows:
-            if f in self.flows:
-                self.flows.remove(f)
-                self.deleted.append(f)
-                n += 1
-        return n

@@ -12,7 +12,7 @@ keeps and nothing else, so equal forms mean equal rules.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from kproxy.state.model import Family
 
@@ -166,12 +166,3 @@ def same_rules(have: Iterable[str], want: Iterable[str], family: Family) -> bool
         )
     except ValueError:
         return False
-
-
-def adoptable(
-    saved: Mapping[str, list[str]], wanted: Mapping[str, tuple[str, ...]], family: Family
-) -> set[str]:
-    """Names of the wanted chains the kernel already holds exactly."""
-    return {
-        name for name, rules in wanted.items() if name in saved and same_rules(saved[name], rules, family)
-    }

@@ -9,10 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from typing import Any
-
-from kproxy.state.model import ServicePortName
 
 
 def _fastest_sha256() -> Callable[[bytes], Any]:
@@ -102,32 +99,3 @@ def sep_chains(prefix: str, hostports: Sequence[str]) -> list[str]:
         text = y.to_bytes(n * _LANE, "big").translate(_B32_TABLE).decode()
         out.extend([text[i : i + _LANE] for i in range(0, n * _LANE, _LANE)])
     return out
-
-
-_hash = hash16
-
-
-@lru_cache(maxsize=65536)
-def port_proto_hash(port_name: ServicePortName) -> str:
-    return _hash(str(port_name) + port_name.protocol.lower())
-
-
-def svc_chain(port_name: ServicePortName) -> str:
-    return "KUBE-SVC-" + port_proto_hash(port_name)
-
-
-def svl_chain(port_name: ServicePortName) -> str:
-    return "KUBE-SVL-" + port_proto_hash(port_name)
-
-
-def ext_chain(port_name: ServicePortName) -> str:
-    return "KUBE-EXT-" + port_proto_hash(port_name)
-
-
-def fw_chain(port_name: ServicePortName) -> str:
-    return "KUBE-FW-" + port_proto_hash(port_name)
-
-
-def sep_chain(port_name: ServicePortName, hostport: str) -> str:
-    """`hostport` is `Endpoint.hostport` (IPv6 in brackets)."""
-    return "KUBE-SEP-" + _hash(str(port_name) + port_name.protocol.lower() + hostport)

@@ -82,9 +82,6 @@ class _SepNames(dict[tuple[int, str], dict[str, str]]):
 
     limit = 65536
 
-    def cache_clear(self) -> None:
-        self.clear()
-
 
 _sep = _SepNames()
 _tuple_new = tuple.__new__

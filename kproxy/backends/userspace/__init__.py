@@ -1,14 +1,16 @@
 """Userspace mode: service traffic forwarded by kproxy itself, on uvloop.
 
-How the node agent uses it (one proxier per address family, on the agent's loop):
+The node agent's backend is `mode.UserspaceMode`: per family, one `UserspaceProxier`
+(the listeners) and the steering chains that send service traffic to them, rewritten
+whole in one `--noflush` restore whenever they change (a handful of rules per port, so
+no diffing engine):
 
-    proxier = UserspaceProxier(family=4, bind_ip="0.0.0.0", max_connections=100_000,
-                               hooks=Hooks(connection_limit=..., dial_failure=...))
-    await proxier.sync(view)                 # view = kproxy.state.build.view(snapshot, node, 4)
+    proxier = UserspaceProxier(family=4, engine="raw", hooks=Hooks(connection_limit=..., dial_failure=...))
+    await proxier.sync(view)                 # {ServicePortName: (ServicePort, endpoints)}
     ports = proxier.listener_ports()         # ServicePortName -> listener port
-    cfg = SteeringConfig(family=4, listen_ip="0.0.0.0", host_ip=<node IP>)
-    rules = [steering.render_port(view[n][0], p, cfg) for n, p in ports.items()]
-    chains = steering.assemble(rules)        # + steering.builtin_jumps(cfg), for the sync engine
+    cfg = steering.SteeringConfig(family=4, listen_ip=proxier.bind_ip, host_ip=<node IP>)
+    chains = steering.render_all({n: (view[n][0], p) for n, p in ports.items()}, cfg)
+    restorer.apply(4, restore_payload(chains), True)   # + restorer.ensure_jumps(4, steering.builtin_jumps(cfg))
     ...
     await proxier.close(deadline=5.0)
 
@@ -37,5 +39,5 @@ keeper process for the next kproxy, which adopts the portal rules that point at 
 Modules: `balancer` (endpoint choice, pure), `handover` (the listener keeper), `rawtcp` (default TCP/SCTP engine: plain
 sockets, own epoll set, splice for bulk), `tcp` (uvloop Protocol engine, and the shared
 `Gate`/`Hooks`), `udp`, `sctp` (kernel support probe), `proxier`, `steering` (nat rules,
-pure), `bench_server` (standalone runner for benchmarks).
+pure). (bench/userspace_server.py runs a proxier standalone for benchmarks.)
 """

@@ -161,10 +161,6 @@ class Balancer:
         if self.cooldown > 0 and target in self._targets:
             self._down[target] = self._clock() + self.cooldown
 
-    def is_down(self, target: Target) -> bool:
-        until = self._down.get(target)
-        return until is not None and until > self._clock()
-
     def acquire(self, target: Target) -> None:
         self._active[target] = self._active.get(target, 0) + 1
 

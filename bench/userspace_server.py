@@ -1,6 +1,6 @@
 """A standalone userspace proxier for benchmarks and manual tries, with no API server.
 
-    python -m kproxy.backends.userspace.bench_server --bind 10.77.1.1 \\
+    python -m bench.userspace_server --bind 10.77.1.1 \\
         --service web/TCP=10.77.2.2:80,10.77.3.2:80 --service echo/UDP=10.77.2.2:7
 
 prints one JSON line `{"web/TCP": 40123, ...}` (the listener ports) once every listener
