@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kproxy.netfilter.conntrack import (
     ConntrackClient,
     NetlinkConntrack,
-    PyrouteConntrack,
     clean_stale_entries,
 )
 from tests.netns import entered
+from tests.support.conntrack import PyrouteConntrack
 from tests.test_conntrack import NEW_POD_IP, POD_IP, VIP_DEAD, VIP_LIVE, ep, node_and_pod, sp
 
 

@@ -45,7 +45,7 @@ from kproxy.backends.iptables import render
 from kproxy.backends.iptables.render import render_port, render_view
 from kproxy.backends.iptables.sync import SyncEngine, SyncResult
 from kproxy.config import RenderConfig
-from kproxy.netfilter.restore import Backend, CommandRestorer, tool
+from kproxy.netfilter.restore import CommandRestorer, XtablesBackend, tool
 from kproxy.netfilter.ruleset import ChainKey, restore_payload
 from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
 
@@ -114,7 +114,7 @@ class Recorder:
         return out
 
 
-def raw_restore(backend: Backend, payloads: list[bytes], timeout: float | None = None) -> float:
+def raw_restore(backend: XtablesBackend, payloads: list[bytes], timeout: float | None = None) -> float:
     """iptables-restore of prepared payloads, nothing else: the kernel's floor."""
     argv = [tool(backend, 4, "-restore"), "--wait=5", "--noflush"]
     t = time.perf_counter()
@@ -132,7 +132,9 @@ def floor_payload(before: Chains, after: Chains) -> str:
     return restore_payload(changed, gone)
 
 
-def worker(backend: Backend, case: dict[str, Any], repeat: int, rewrite_timeout: float) -> dict[str, Any]:
+def worker(
+    backend: XtablesBackend, case: dict[str, Any], repeat: int, rewrite_timeout: float
+) -> dict[str, Any]:
     services, eps = case["services"], case["endpoints"]
     out: dict[str, Any] = {"backend": backend, "case": case["name"], "services": services, "endpoints": eps}
     engine = SyncEngine(CFG, CommandRestorer(backend))
@@ -249,7 +251,7 @@ def worker(backend: Backend, case: dict[str, Any], repeat: int, rewrite_timeout:
 
 
 def churn(
-    backend: Backend, engine: SyncEngine, rec: Recorder, services: int, eps: int, repeat: int
+    backend: XtablesBackend, engine: SyncEngine, rec: Recorder, services: int, eps: int, repeat: int
 ) -> dict[str, Any]:
     """kube-proxy's churn test: many services with many endpoints appear at once, then go."""
     view = cluster(services, eps, per_service=eps)
@@ -307,7 +309,9 @@ def _result(res: SyncResult) -> dict[str, Any]:
 # ---------------------------------------------------------------------- parent
 
 
-def run_case(backend: Backend, case: dict[str, Any], repeat: int, rewrite_timeout: float) -> dict[str, Any]:
+def run_case(
+    backend: XtablesBackend, case: dict[str, Any], repeat: int, rewrite_timeout: float
+) -> dict[str, Any]:
     ns = f"syncbench{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
@@ -486,7 +490,7 @@ def main() -> None:
         return
     if os.geteuid() != 0 or shutil.which("nsenter") is None:
         sys.exit("sync_bench needs root, ip netns and nsenter")
-    backends: list[Backend] = ["nft"] if args.quick else ["legacy", "nft"]
+    backends: list[XtablesBackend] = ["nft"] if args.quick else ["legacy", "nft"]
     if args.backends:
         backends = [b for b in ("legacy", "nft") if b in args.backends.split(",")]
     cases: list[dict[str, Any]] = [{"name": "1k x 10", "kind": "cluster", "services": 1000, "endpoints": 10}]
