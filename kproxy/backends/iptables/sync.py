@@ -59,7 +59,7 @@ FREEZE_MIN_PORTS = 1000
 class SyncResult:
     full: bool
     reason: str
-    """Why the sync was full ("start", "failure", "canary", "periodic", "requested"); "" if partial."""
+    """Why the sync was full ("start", "failure", "canary", "periodic", "requested"); "service_ports_changed" if partial."""
     chains_written: int
     chains_deleted: int
     payload_bytes: int
@@ -242,98 +242,107 @@ class SyncEngine:
 
     def _partial(self, view: View, changed: Collection[ServicePortName], check_s: float) -> SyncResult:
         t0 = time.perf_counter()
-        names = set(changed) | self._pending
+        names, fresh = self._render_changed(view, set(changed) | self._pending)
+        t1 = time.perf_counter()
+        plan = self._plan_partial(view, names, fresh)
+        t2 = time.perf_counter()
+        restores, size, restore_s = self._commit(plan)
+        if restores:
+            self._remember_generation()
+        return self._result(
+            plan,
+            False,
+            "service_ports_changed",
+            restores,
+            size,
+            render_s=t1 - t0,
+            diff_s=t2 - t1,
+            restore_s=restore_s,
+            check_s=check_s,
+        )
+
+    def _render_changed(
+        self, view: View, names: set[ServicePortName]
+    ) -> tuple[set[ServicePortName], dict[ServicePortName, PortRules]]:
+        """Render the named ports whose entry differs from what is applied. If the names
+        cannot account for the view (the caller missed a port), every port is compared
+        rather than a wrong ruleset written."""
+        ports = self._ports
         fresh: dict[ServicePortName, PortRules] = {}
-        render_s = 0.0
         for name in names:
             entry = view.get(name)
-            old = self._ports.get(name)
+            old = ports.get(name)
             if entry is None or (old is not None and old.sp == entry[0] and old.eps == entry[1]):
                 continue
             fresh[name] = render_port(entry[0], entry[1], self.cfg)
-        render_s = time.perf_counter() - t0
-        added = sum(1 for n in fresh if n not in self._ports)
-        removed = sum(1 for n in names if n in self._ports and n not in view)
-        if len(self._ports) + added - removed != len(view):
-            # The caller missed a port: compare everything rather than write a wrong ruleset.
-            log.warn(
-                "sync_changed_set_incomplete", family=self.family, ports=len(view), known=len(self._ports)
-            )
-            names = set(view) | set(self._ports)
-            t = time.perf_counter()
-            fresh = {
-                n: render_port(view[n][0], view[n][1], self.cfg)
-                for n in names
-                if n in view and not (n in self._ports and self._ports[n][:2] == view[n])
-            }
-            render_s += time.perf_counter() - t
-        t1 = time.perf_counter()
+        added = sum(1 for n in fresh if n not in ports)
+        removed = sum(1 for n in names if n in ports and n not in view)
+        if len(ports) + added - removed == len(view):
+            return names, fresh
+        log.warn("sync_changed_set_incomplete", family=self.family, ports=len(view), known=len(ports))
+        names = set(view) | set(ports)
+        fresh = {
+            n: render_port(view[n][0], view[n][1], self.cfg)
+            for n in names
+            if n in view and not (n in ports and ports[n][:2] == view[n])
+        }
+        return names, fresh
+
+    def _plan_partial(
+        self, view: View, names: Iterable[ServicePortName], fresh: Mapping[ServicePortName, PortRules]
+    ) -> _Plan:
+        """The chains that differ from what is applied, and the top-level chains whose
+        shared lines moved; the engine's per-port state is brought to `view` on the way."""
         plan = _Plan()
         dirty: set[ChainKey] = set()
-        applied = self._applied
         for name in names:
-            old = self._ports.get(name)
             if name not in view:
-                if old is None:
-                    continue
-                del self._ports[name]
-                plan.deleted.extend((c.table, c.name) for c in old.rules.own)
-                for c in old.rules.shared:
-                    self._unshare(name, (c.table, c.name))
-                    dirty.add((c.table, c.name))
-                continue
-            pr = fresh.get(name)
-            if pr is None:
-                continue
-            sp, eps = view[name]
-            self._ports[name] = _Port(sp, eps, pr)
-            if old is not None and old.rules is pr:
-                continue
-            group = {(c.table, c.name): c.rules for c in pr.own if applied.get((c.table, c.name)) != c.rules}
-            if group:
-                plan.groups.append(group)
-            if old is not None:
-                keep = {(c.table, c.name) for c in pr.own}
-                plan.deleted.extend((c.table, c.name) for c in old.rules.own if (c.table, c.name) not in keep)
-                if old.rules.shared == pr.shared:
-                    continue
-                for c in old.rules.shared:
-                    self._unshare(name, (c.table, c.name))
-                    dirty.add((c.table, c.name))
-            for c in pr.shared:
-                self._share(name, (c.table, c.name), c.rules)
-                dirty.add((c.table, c.name))
+                self._plan_removed(plan, dirty, name)
+            elif name in fresh:
+                self._plan_changed(plan, dirty, name, view[name], fresh[name])
+        applied = self._applied
         for key in dirty:
             rules = self._top(key)
             if applied.get(key) != rules:
                 plan.top[key] = rules
-        diff_s = time.perf_counter() - t1
-        restores, size, restore_s = self._write(plan)
-        if restores:
-            self._remember_generation()
-        counts = self._rule_counts
-        for group in plan.groups:
-            for key, rules in group.items():
-                counts[key[0]] = counts.get(key[0], 0) + len(rules) - len(applied.get(key, ()))
-            applied.update(group)
-        for key, rules in plan.top.items():
-            counts[key[0]] = counts.get(key[0], 0) + len(rules) - len(applied.get(key, ()))
-        applied.update(plan.top)
-        for key in plan.deleted:
-            counts[key[0]] = counts.get(key[0], 0) - len(applied.pop(key, ()))
-        return SyncResult(
-            full=False,
-            reason="service_ports_changed",
-            chains_written=plan.written,
-            chains_deleted=len(plan.deleted),
-            payload_bytes=size,
-            restores=restores,
-            render_s=render_s,
-            diff_s=diff_s,
-            restore_s=restore_s,
-            check_s=check_s,
-            rules_written=plan.rules_written(),
-        )
+        return plan
+
+    def _plan_removed(self, plan: _Plan, dirty: set[ChainKey], name: ServicePortName) -> None:
+        old = self._ports.pop(name, None)
+        if old is None:
+            return
+        plan.deleted.extend((c.table, c.name) for c in old.rules.own)
+        for c in old.rules.shared:
+            self._unshare(name, (c.table, c.name))
+            dirty.add((c.table, c.name))
+
+    def _plan_changed(
+        self,
+        plan: _Plan,
+        dirty: set[ChainKey],
+        name: ServicePortName,
+        entry: tuple[ServicePort, tuple[Endpoint, ...]],
+        pr: PortRules,
+    ) -> None:
+        old = self._ports.get(name)
+        self._ports[name] = _Port(entry[0], entry[1], pr)
+        if old is not None and old.rules is pr:
+            return
+        applied = self._applied
+        group = {(c.table, c.name): c.rules for c in pr.own if applied.get((c.table, c.name)) != c.rules}
+        if group:
+            plan.groups.append(group)
+        if old is not None:
+            keep = {(c.table, c.name) for c in pr.own}
+            plan.deleted.extend((c.table, c.name) for c in old.rules.own if (c.table, c.name) not in keep)
+            if old.rules.shared == pr.shared:
+                return
+            for c in old.rules.shared:
+                self._unshare(name, (c.table, c.name))
+                dirty.add((c.table, c.name))
+        for c in pr.shared:
+            self._share(name, (c.table, c.name), c.rules)
+            dirty.add((c.table, c.name))
 
     def _share(self, name: ServicePortName, key: ChainKey, rules: Rules) -> None:
         lines = self._shared.setdefault(key, {})
@@ -400,19 +409,11 @@ class SyncEngine:
         # Jumps we ensured stand as long as nobody else touched the tables since.
         jumps_stand = reason in TRUST_APPLIED and self._untouched()
         t3 = time.perf_counter()
-        restores, size, restore_s = self._write(plan)
+        restores, size, restore_s = self._commit(plan, start_over=True, adopted=adopted)
         t = time.perf_counter()
         inserted = 0 if jumps_stand else self.restorer.ensure_jumps(self.family, builtin_jumps(cfg))
         self._remember_generation()
         restore_s += time.perf_counter() - t
-        applied: dict[ChainKey, Rules] = dict(plan.top)
-        for group in plan.groups:
-            applied.update(group)
-        applied.update(adopted)
-        self._applied = applied
-        self._rule_counts = {table: 0 for table in TABLES}
-        for (table, _), rules in applied.items():
-            self._rule_counts[table] += len(rules)
         self._full_reason = ""
         self._last_full = self._last_canary = self._clock()
         log.info(
@@ -420,24 +421,22 @@ class SyncEngine:
             family=self.family,
             reason=reason,
             ports=len(ports),
-            chains=len(applied),
+            chains=len(self._applied),
             deleted=len(plan.deleted),
             adopted=len(adopted),
             jumps_inserted=inserted,
         )
-        return SyncResult(
-            full=True,
-            reason=reason,
-            chains_written=plan.written,
-            chains_deleted=len(plan.deleted),
-            payload_bytes=size,
-            restores=restores,
+        return self._result(
+            plan,
+            True,
+            reason,
+            restores,
+            size,
             render_s=t1 - t0,
             diff_s=t2 - t1,
             restore_s=restore_s,
             check_s=check_s + (t3 - t2),
             jumps_inserted=inserted,
-            rules_written=plan.rules_written(),
         )
 
     def _adopt(self, plan: _Plan, existing: set[ChainKey]) -> dict[ChainKey, Rules]:
@@ -491,6 +490,54 @@ class SyncEngine:
             yield restore_payload(batch)
         for batch in _batches(gone, limit):
             yield restore_payload({}, batch)
+
+    def _commit(
+        self, plan: _Plan, *, start_over: bool = False, adopted: Mapping[ChainKey, Rules] | None = None
+    ) -> tuple[int, int, float]:
+        """Write the plan, then record it as applied, with the rule count per table kept by
+        difference. `start_over` (a full sync) forgets what was applied before; `adopted`
+        chains were already in the kernel and are recorded without being written."""
+        written = self._write(plan)
+        if start_over:
+            self._applied = {}
+            self._rule_counts = {table: 0 for table in TABLES}
+        applied, counts = self._applied, self._rule_counts
+        chains = concat((adopted or {}).items(), *(group.items() for group in plan.groups), plan.top.items())
+        for key, rules in chains:
+            counts[key[0]] = counts.get(key[0], 0) + len(rules) - len(applied.get(key, ()))
+            applied[key] = rules
+        for key in plan.deleted:
+            counts[key[0]] = counts.get(key[0], 0) - len(applied.pop(key, ()))
+        return written
+
+    def _result(
+        self,
+        plan: _Plan,
+        full: bool,
+        reason: str,
+        restores: int,
+        size: int,
+        *,
+        render_s: float,
+        diff_s: float,
+        restore_s: float,
+        check_s: float,
+        jumps_inserted: int = 0,
+    ) -> SyncResult:
+        return SyncResult(
+            full=full,
+            reason=reason,
+            chains_written=plan.written,
+            chains_deleted=len(plan.deleted),
+            payload_bytes=size,
+            restores=restores,
+            render_s=render_s,
+            diff_s=diff_s,
+            restore_s=restore_s,
+            check_s=check_s,
+            jumps_inserted=jumps_inserted,
+            rules_written=plan.rules_written(),
+        )
 
     def _write(self, plan: _Plan) -> tuple[int, int, float]:
         if plan.empty():
