@@ -21,7 +21,7 @@ import uvloop
 
 from kproxy.backends.userspace.proxier import UserspaceProxier
 from kproxy.infra import log
-from kproxy.state.model import Endpoint, Family, Protocol, ServicePort, ServicePortName
+from kproxy.state.model import Endpoint, Family, L4Protocol, ServicePort, ServicePortName
 
 
 def _service(
@@ -29,7 +29,7 @@ def _service(
 ) -> tuple[str, ServicePortName, ServicePort, tuple[Endpoint, ...]]:
     head, _, eps = spec.partition("=")
     name, _, proto = head.partition("/")
-    protocol = cast(Protocol, (proto or "TCP").upper())
+    protocol = cast(L4Protocol, (proto or "TCP").upper())
     endpoints = []
     for hp in filter(None, eps.split(",")):
         host, _, port = hp.rpartition(":")

@@ -29,7 +29,7 @@ from kproxy.errors import ConfigError, KproxyError, ObjectError, StartupError
 from kproxy.settings import Settings, add_run_arguments, effective_config, from_args
 from kproxy.sources.files import load_paths
 from kproxy.state.build import Snapshot, view
-from kproxy.state.model import FAMILIES, Family, ServiceKey
+from kproxy.state.model import FAMILIES, Family, ServiceKey, in_family
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -338,7 +338,7 @@ def cmd_dry_run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
     out = out or sys.stdout
     err = err or sys.stderr
     for family in FAMILIES:
-        mine = [c for c in args.cluster_cidr if (":" in c) == (family == 6)]
+        mine = [c for c in args.cluster_cidr if in_family(c, family)]
         if len(mine) > 1:
             _warn(
                 err,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, replace
 
-from kproxy.state.model import Family
+from kproxy.state.model import Family, in_family
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +71,7 @@ class RenderConfig:
         elif mode == "InterfaceNamePrefix":
             iface = self.interface_name_prefix + "+" if self.interface_name_prefix else ""
         else:
-            cidr = next((c for c in self.local_cidrs if (":" in c) == (self.family == 6)), "")
+            cidr = next((c for c in self.local_cidrs if in_family(c, self.family)), "")
             return (f"-s {cidr}", f"! -s {cidr}") if cidr else ("", "")
         return (f"-i {iface}", f"! -i {iface}") if iface else ("", "")
 
@@ -102,7 +102,7 @@ def sized(cfg: RenderConfig, endpoints: int) -> RenderConfig:
 
 
 def _in_family(cidrs: tuple[str, ...], family: Family) -> tuple[str, ...]:
-    return tuple(c for c in cidrs if (":" in c) == (family == 6))
+    return tuple(c for c in cidrs if in_family(c, family))
 
 
 def render_config(
@@ -136,8 +136,8 @@ def render_config(
     Localhost node ports (IPv4 only) stay on only while the node-port CIDRs take in
     127.0.0.1, as kube-proxy turns them off otherwise."""
     v6 = family == 6
-    primary = [ip for ip in primary_ips if (":" in ip) == v6]
-    mine = primary or [ip for ip in node_ips if (":" in ip) == v6]
+    primary = [ip for ip in primary_ips if in_family(ip, family)]
+    mine = primary or [ip for ip in node_ips if in_family(ip, family)]
     if nodeport_addresses == ("primary",):
         # no primary IP of this family (kube-proxy then holds loopback): every local address
         nodeport_addresses = tuple(
@@ -148,7 +148,9 @@ def render_config(
     if wanted:
         nets = [ipaddress.ip_network(c, strict=False) for c in wanted]
         nodeport_ips = tuple(
-            ip for ip in node_ips if (":" in ip) == v6 and any(ipaddress.ip_address(ip) in n for n in nets)
+            ip
+            for ip in node_ips
+            if in_family(ip, family) and any(ipaddress.ip_address(ip) in n for n in nets)
         )
         localhost_nodeports = localhost_in_effect(localhost_nodeports, nodeport_addresses)
         if localhost_nodeports and not v6 and "127.0.0.1" not in nodeport_ips:

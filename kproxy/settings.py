@@ -1,4 +1,4 @@
-"""Settings for `kproxy run` and `kproxy cleanup`: kube-proxy's flags and config file.
+"""Settings for `kproxy run` (`kproxy cleanup` takes none): kube-proxy's flags and config file.
 
 kube-proxy's rules, which a node switching images depends on:
 
@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from kproxy.errors import ConfigError
+from kproxy.state.model import FAMILIES, in_family
 
 CONFIG_API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 CONFIG_KIND = "KubeProxyConfiguration"
@@ -148,8 +149,8 @@ def _cidrs(option: str, value: Any) -> tuple[str, ...]:
 
 def _cluster_cidrs(option: str, value: Any) -> tuple[str, ...]:
     cidrs = _cidrs(option, value)
-    for fam in (4, 6):
-        mine = [c for c in cidrs if (":" in c) == (fam == 6)]
+    for fam in FAMILIES:
+        mine = [c for c in cidrs if in_family(c, fam)]
         if len(mine) > 1:
             raise ConfigError(option, f"more than one IPv{fam} CIDR ({', '.join(mine)}); give one per family")
     return cidrs

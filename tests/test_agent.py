@@ -15,8 +15,7 @@ from kproxy.config import RenderConfig
 from kproxy.errors import RestoreError
 from kproxy.metrics import Metrics
 from kproxy.settings import Settings, add_run_arguments, from_args
-from kproxy.state.model import Family, Node, ServicePortName
-from kproxy.tracking.changes import PortEntry
+from kproxy.state.model import Family, Node, PortEntry, ServicePortName
 from tests.test_changes import eps, svc
 
 

@@ -19,7 +19,7 @@ from kproxy.netfilter.conntrack import (
     serving_sets,
     stale_flows,
 )
-from kproxy.state.model import Endpoint, Family, Protocol, ServiceKey, ServicePort, ServicePortName
+from kproxy.state.model import Endpoint, Family, L4Protocol, ServiceKey, ServicePort, ServicePortName
 from tests.netns import create_netns, delete_netns, entered, exec_in, ip_batch
 from tests.support.conntrack import FakeConntrack, PyrouteConntrack, cleanup_needed
 
@@ -34,7 +34,7 @@ CLIENT = "10.244.2.50"
 
 def sp(
     name: str = "dns",
-    proto: Protocol = "UDP",
+    proto: L4Protocol = "UDP",
     ip: str = VIP,
     port: int = 53,
     node_port: int = 0,

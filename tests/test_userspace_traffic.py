@@ -28,7 +28,7 @@ from kproxy.backends.userspace.proxier import UserspaceProxier
 from kproxy.backends.userspace.sctp import sctp_unsupported
 from kproxy.backends.userspace.tcp import Hooks
 from kproxy.metrics import Metrics
-from kproxy.state.model import Endpoint, EndpointSlice, Protocol, ServicePort, ServicePortName
+from kproxy.state.model import Endpoint, EndpointSlice, L4Protocol, ServicePort, ServicePortName
 
 LO = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,12 +114,12 @@ class UdpBackend(asyncio.DatagramProtocol):
         self.transport.sendto(self.name + b":" + data, addr)
 
 
-def spn(name: str = "web", proto: Protocol = "TCP") -> ServicePortName:
+def spn(name: str = "web", proto: L4Protocol = "TCP") -> ServicePortName:
     return ServicePortName("default", name, "", proto)
 
 
 def view(
-    endpoints: list[Endpoint], *, proto: Protocol = "TCP", affinity: int = 0, algorithm: str = ""
+    endpoints: list[Endpoint], *, proto: L4Protocol = "TCP", affinity: int = 0, algorithm: str = ""
 ) -> dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]:
     name = spn(proto=proto)
     sp = ServicePort(name, 4, "10.96.0.10", 80, affinity_timeout=affinity, lb_algorithm=algorithm)

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kproxy.config import RenderConfig
-from kproxy.state.model import Family, ServicePortName
-from kproxy.tracking.changes import PortEntry
+from kproxy.state.model import Family, PortEntry, ServicePortName
 
 
 @dataclass(frozen=True, slots=True)

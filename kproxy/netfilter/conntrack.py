@@ -58,9 +58,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
 
 from kproxy.infra import log
-from kproxy.state.model import Endpoint, Family, ServicePort
+from kproxy.state.model import Family, PortEntry
 
-PortsView = Iterable[tuple[ServicePort, Sequence[Endpoint]]]
 """`build.view(...).values()`: each service port of one family with all its endpoints (before topology)."""
 
 
@@ -96,7 +95,7 @@ def _norm(ip: str) -> str:
     return ipaddress.ip_address(ip).compressed if ":" in ip else ip
 
 
-def serving_sets(ports: PortsView) -> ServingSets:
+def serving_sets(ports: Iterable[PortEntry]) -> ServingSets:
     """The frontends of UDP service ports that have at least one serving endpoint."""
     by_frontend: dict[tuple[str, int], set[EndpointAddr]] = {}
     by_node_port: dict[int, set[EndpointAddr]] = {}
@@ -151,7 +150,7 @@ class CleanupResult:
     error: str = ""
 
 
-def clean_stale_entries(client: ConntrackClient, family: Family, ports: PortsView) -> CleanupResult:
+def clean_stale_entries(client: ConntrackClient, family: Family, ports: Iterable[PortEntry]) -> CleanupResult:
     """One reconciler pass; never raises for kernel errors (it reports them; the next pass retries)."""
     start = time.monotonic()
     try:
@@ -171,7 +170,7 @@ def clean_stale_entries(client: ConntrackClient, family: Family, ports: PortsVie
 
 
 async def clean_stale_entries_async(
-    client: ConntrackClient, family: Family, ports: PortsView
+    client: ConntrackClient, family: Family, ports: Iterable[PortEntry]
 ) -> CleanupResult:
     """The same in a worker thread: a dump of a big table takes a while, and pyroute2's
     synchronous API runs an event loop of its own, which cannot nest."""

@@ -19,29 +19,26 @@ from kproxy.state.model import (
     EndpointSlice,
     Family,
     Node,
+    PortEntry,
     Service,
     ServiceKey,
     ServicePort,
     ServicePortName,
+    View,
+    in_family,
 )
-
-View = dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 
 _ADDRESS_TYPE: dict[int, str] = {4: "IPv4", 6: "IPv6"}
 
 
-def _is_family(addr: str, family: Family) -> bool:
-    return (":" in addr) == (family == 6)
-
-
 def service_ports(svc: Service, family: Family) -> tuple[ServicePort, ...]:
     """The service's ports in one family; none when it has no cluster IP of that family."""
-    cluster_ip = next((ip for ip in svc.cluster_ips if _is_family(ip, family)), None)
+    cluster_ip = next((ip for ip in svc.cluster_ips if in_family(ip, family)), None)
     if cluster_ip is None:
         return ()
-    external = tuple(ip for ip in svc.external_ips if _is_family(ip, family))
-    lb = tuple(ip for ip in svc.load_balancer_ips if _is_family(ip, family))
-    ranges = tuple(c for c in svc.load_balancer_source_ranges if _is_family(c, family))
+    external = tuple(ip for ip in svc.external_ips if in_family(ip, family))
+    lb = tuple(ip for ip in svc.load_balancer_ips if in_family(ip, family))
+    ranges = tuple(c for c in svc.load_balancer_source_ranges if in_family(c, family))
     return tuple(
         ServicePort(
             name=ServicePortName(svc.namespace, svc.name, p.name, p.protocol),
@@ -155,7 +152,7 @@ class Snapshot:
 
 def view(snapshot: Snapshot, node_name: str, family: Family) -> View:
     """Every service port of one family with its endpoints (empty when none), sorted by ServicePortName."""
-    out: View = {}
+    out: dict[ServicePortName, PortEntry] = {}
     with gc_paused():  # a full view is one batch of many small acyclic objects
         for key in sorted(snapshot.services):
             ports = service_ports(snapshot.services[key], family)

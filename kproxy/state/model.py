@@ -9,20 +9,26 @@ backend can cache on equality and a change tracker can drop no-op updates cheapl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Literal
 
-Protocol = Literal["TCP", "UDP", "SCTP"]
+L4Protocol = Literal["TCP", "UDP", "SCTP"]
 Family = Literal[4, 6]
 AddressType = Literal["IPv4", "IPv6", "FQDN"]
-PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP", "SCTP")
+PROTOCOLS: tuple[L4Protocol, ...] = ("TCP", "UDP", "SCTP")
 FAMILIES: tuple[Family, ...] = (4, 6)
 
 
 def family_of(ip: str) -> Family:
     """Addresses reaching this function are already normalised by the parser."""
     return 6 if ":" in ip else 4
+
+
+def in_family(address: str, family: Family) -> bool:
+    """Whether an address or CIDR (normalised by the parser or settings) is of `family`."""
+    return (":" in address) == (family == 6)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -55,7 +61,7 @@ class ServicePortName:
     namespace: str
     name: str
     port_name: str
-    protocol: Protocol
+    protocol: L4Protocol
 
     @property
     def service(self) -> ServiceKey:
@@ -78,7 +84,7 @@ is C, and sorting 10,000 names by it is several times faster."""
 @dataclass(frozen=True, slots=True)
 class ServicePortSpec:
     name: str
-    protocol: Protocol
+    protocol: L4Protocol
     port: int
     node_port: int = 0
     target_port: int | str = 0
@@ -127,7 +133,7 @@ class SliceEndpoint:
 @dataclass(frozen=True, slots=True)
 class SlicePort:
     name: str
-    protocol: Protocol
+    protocol: L4Protocol
     port: int
 
 
@@ -196,7 +202,7 @@ class ServicePort:
     """Userspace mode's endpoint choice, copied from `Service.lb_algorithm`; "" means round robin."""
 
     @property
-    def protocol(self) -> Protocol:
+    def protocol(self) -> L4Protocol:
         return self.name.protocol
 
     @property
@@ -226,3 +232,9 @@ class Endpoint:
         if ":" in self.ip:
             return f"[{self.ip}]:{self.port}"
         return f"{self.ip}:{self.port}"
+
+
+PortEntry = tuple[ServicePort, tuple[Endpoint, ...]]
+"""One service port of one family, and every endpoint it has (rules decide which to use)."""
+View = Mapping[ServicePortName, PortEntry]
+"""One family's service ports: what the tracker keeps current and every backend syncs from."""

@@ -38,9 +38,9 @@ from kproxy.infra.gcpause import gc_paused
 from kproxy.state.model import (
     AddressType,
     EndpointSlice,
+    L4Protocol,
     Node,
     ObjectRef,
-    Protocol,
     Service,
     ServicePortSpec,
     SliceEndpoint,
@@ -69,7 +69,7 @@ DNS1123_SUBDOMAIN: Final = re.compile(
 LABEL_VALUE: Final = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 _LABEL_NAME: Final = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
-_PROTOCOLS: Final[dict[object, Protocol]] = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP"}
+_PROTOCOLS: Final[dict[object, L4Protocol]] = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP"}
 _ADDRESS_TYPES: Final[dict[object, AddressType]] = {"IPv4": "IPv4", "IPv6": "IPv6", "FQDN": "FQDN"}
 _SERVICE_TYPES: Final = ("ClusterIP", "NodePort", "LoadBalancer")
 _EMPTY: Final[Mapping[str, Any]] = {}
@@ -267,8 +267,8 @@ def _port_name(v: object, field: str) -> str:
 _ip_cache: _Memo[str, str] = _Memo()
 # Frozen value objects shared between equal parses: a relist rebuilds nothing, and
 # equality checks downstream often short-cut on identity.
-_port_specs: _Memo[tuple[str, Protocol, int, int, int | str], ServicePortSpec] = _Memo()
-_slice_ports: _Memo[tuple[str, Protocol, int], SlicePort] = _Memo()
+_port_specs: _Memo[tuple[str, L4Protocol, int, int, int | str], ServicePortSpec] = _Memo()
+_slice_ports: _Memo[tuple[str, L4Protocol, int], SlicePort] = _Memo()
 _slice_endpoints: _Memo[
     tuple[str, bool, bool, bool, str, str, frozenset[str], frozenset[str]], SliceEndpoint
 ] = _Memo()
@@ -620,7 +620,7 @@ def _service_port(p_raw: object, node_ports: bool) -> ServicePortSpec:
     return got
 
 
-def _protocol(v: object, field: str) -> Protocol:
+def _protocol(v: object, field: str) -> L4Protocol:
     if v is None or v == "":
         return "TCP"
     try:

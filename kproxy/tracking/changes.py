@@ -16,20 +16,17 @@ from dataclasses import dataclass, field
 
 from kproxy.state.build import merge_endpoints, service_ports
 from kproxy.state.model import (
-    Endpoint,
     EndpointSlice,
     Family,
     KObject,
     Node,
+    PortEntry,
     Service,
     ServiceKey,
-    ServicePort,
     ServicePortName,
 )
 
 RESOURCES = ("Service", "EndpointSlice", "Endpoints", "Node")
-
-PortEntry = tuple[ServicePort, tuple[Endpoint, ...]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,15 +11,17 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kproxy.netfilter.conntrack import _AF, Flow, PortsView
-from kproxy.state.model import Family, ServiceKey
+from kproxy.netfilter.conntrack import _AF, Flow
+from kproxy.state.model import Family, PortEntry, ServiceKey
 
 
-def udp_services(ports: PortsView) -> frozenset[ServiceKey]:
+def udp_services(ports: Iterable[PortEntry]) -> frozenset[ServiceKey]:
     return frozenset(sp.name.service for sp, _ in ports if sp.protocol == "UDP")
 
 
-def cleanup_needed(changed: Iterable[ServiceKey], before: PortsView, after: PortsView) -> bool:
+def cleanup_needed(
+    changed: Iterable[ServiceKey], before: Iterable[PortEntry], after: Iterable[PortEntry]
+) -> bool:
     """kube-proxy runs the reconciler when a service whose endpoints changed had or has a UDP port."""
     changed = set(changed)
     if not changed:

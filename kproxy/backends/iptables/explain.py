@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from kproxy.backends.iptables.render import render_port
 from kproxy.config import RenderConfig
 from kproxy.state.build import Snapshot, excluded_endpoints, merge_endpoints, service_ports
-from kproxy.state.model import Endpoint, ServiceKey, ServicePort
+from kproxy.state.model import Endpoint, ServiceKey, ServicePort, in_family
 from kproxy.state.topology import Selection, categorize, exclusion, external_local, uses_cluster
 
 
@@ -135,7 +135,7 @@ def explain(snapshot: Snapshot, key: ServiceKey, cfgs: Sequence[RenderConfig]) -
             lines.extend(explain_port(sp, eps.get(sp.name, ()), cfg))
         extra = excluded_endpoints(snapshot, key, cfg.node_name, cfg.family)
         if len(cfgs) > 1:  # the other family's endpoints are shown under that family
-            extra = tuple(x for x in extra if (":" in x.endpoint.ip) == (cfg.family == 6))
+            extra = tuple(x for x in extra if in_family(x.endpoint.ip, cfg.family))
         if extra:
             lines.append("")
             lines.append(f"not used for IPv{cfg.family}:")

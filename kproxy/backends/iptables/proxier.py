@@ -31,8 +31,7 @@ from kproxy.netfilter.restore import (
     detect_backend,
     tool,
 )
-from kproxy.state.model import Family, ServicePortName
-from kproxy.tracking.changes import PortEntry
+from kproxy.state.model import Family, PortEntry, ServicePortName
 
 ROUTE_LOCALNET = "net/ipv4/conf/all/route_localnet"
 TCP_BE_LIBERAL = "net/netfilter/nf_conntrack_tcp_be_liberal"

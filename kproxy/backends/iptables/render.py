@@ -15,14 +15,14 @@ chains list the ports in ServicePortName order where kube-proxy walks a Go map.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from functools import lru_cache
 
 from kproxy.backends.iptables.naming import hash16, sep_chains
 from kproxy.config import RenderConfig
 from kproxy.infra.gcpause import gc_paused
 from kproxy.netfilter.ruleset import Chain, ChainKey, PortRules, Table, restore_payload
-from kproxy.state.model import Endpoint, ServicePort, ServicePortName, port_order
+from kproxy.state.model import Endpoint, ServicePort, View, in_family, port_order
 from kproxy.state.topology import categorize, external_local, uses_cluster, uses_local
 
 SERVICES = "KUBE-SERVICES"
@@ -141,7 +141,7 @@ def _local_match(cfg: RenderConfig) -> tuple[str, str]:
     return cfg.local_match
 
 
-class _Port:
+class _PortRender:
     """What one render of one service port decides before writing a rule: kube-proxy's
     per-service variables (hasEndpoints, internalTrafficChain, ...) under the same names."""
 
@@ -195,14 +195,14 @@ class _Port:
         self.has_external = sel.has_any and (not self.ext_local or bool(sel.local))
         self.internal_chain = self.svl if sp.internal_local else self.svc
         ranges = sp.load_balancer_source_ranges
-        self.lb_ranges = tuple(c for c in ranges if (":" in c) == v6) if ranges else ()
+        self.lb_ranges = tuple(c for c in ranges if in_family(c, cfg.family)) if ranges else ()
         self.uses_fw = sel.has_any and bool(sp.load_balancer_ips) and bool(self.lb_ranges)
 
 
 @lru_cache(maxsize=131072)
 def render_port(sp: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderConfig) -> PortRules:
     """Every rule one service port contributes. Cached: identical inputs return the same object."""
-    p = _Port(sp, endpoints, cfg)
+    p = _PortRender(sp, endpoints, cfg)
     own: list[Chain] = []
     if p.has_any and sp.has_external:
         own.append(Chain("nat", p.ext, _ext_rules(p)))
@@ -222,7 +222,7 @@ def render_port(sp: ServicePort, endpoints: tuple[Endpoint, ...], cfg: RenderCon
     return PortRules(tuple(own), _capture(p))
 
 
-def _capture(p: _Port) -> tuple[Chain, ...]:
+def _capture(p: _PortRender) -> tuple[Chain, ...]:
     """Rules in the top-level chains: nat sends each VIP to the port's chains; filter rejects
     (no endpoints anywhere) or drops (none local under Local policy) what nat cannot serve."""
     sp, name, pm, host, dport = p.sp, p.name, p.pm, p.host, p.dport
@@ -306,7 +306,7 @@ def _capture(p: _Port) -> tuple[Chain, ...]:
     return tuple(out)
 
 
-def _masquerade(p: _Port, chain: str) -> list[str]:
+def _masquerade(p: _PortRender, chain: str) -> list[str]:
     """First rule of the chain cluster IP traffic enters: mark what does not come from a pod
     (or everything, with masquerade-all), so replies from another node come back through this one."""
     if chain != p.internal_chain or not p.has_internal:
@@ -319,7 +319,7 @@ def _masquerade(p: _Port, chain: str) -> list[str]:
     return []
 
 
-def _ext_rules(p: _Port) -> tuple[str, ...]:
+def _ext_rules(p: _PortRender) -> tuple[str, ...]:
     """KUBE-EXT: the entry for node ports, external IPs and LB IPs. Under Local policy, pod
     and node traffic short-circuits to the Cluster chain (as if it had gone out to the
     load balancer and come back); the rest keeps its source and goes to local endpoints."""
@@ -347,7 +347,7 @@ def _ext_rules(p: _Port) -> tuple[str, ...]:
     return tuple(rules)
 
 
-def _fw_rules(p: _Port) -> tuple[str, ...]:
+def _fw_rules(p: _PortRender) -> tuple[str, ...]:
     """KUBE-FW: admitted sources go on to KUBE-EXT; whatever falls off the end is dropped by
     filter KUBE-PROXY-FIREWALL (DROP is not allowed in the nat table). When the ranges admit
     the node itself, so does the LB IP: a node reaching a VIP-style LB loops back with it as source."""
@@ -361,7 +361,9 @@ def _fw_rules(p: _Port) -> tuple[str, ...]:
     return tuple(rules)
 
 
-def _endpoint_chains(p: _Port, reach: tuple[Endpoint, ...], hps: list[str], seps: list[str]) -> list[Chain]:
+def _endpoint_chains(
+    p: _PortRender, reach: tuple[Endpoint, ...], hps: list[str], seps: list[str]
+) -> list[Chain]:
     """KUBE-SEP: mark hairpin traffic (an endpoint reaching itself through the service), then DNAT;
     under affinity, remember the client for the KUBE-SVC `--rcheck` rules."""
     comment = f" -m comment --comment {p.name}" if p.cfg.comments else ""
@@ -402,7 +404,7 @@ def _pick(
     return [hps[i] for i in idx], [seps[i] for i in idx]
 
 
-def _spread(p: _Port, chain: str, hps: list[str], seps: list[str]) -> tuple[str, ...]:
+def _spread(p: _PortRender, chain: str, hps: list[str], seps: list[str]) -> tuple[str, ...]:
     """The port's masquerade rule, affinity checks (a known client goes back to its endpoint),
     then endpoint i of n taken with probability 1/(n-i), which spreads new connections evenly.
     `seps` is never empty."""
@@ -557,9 +559,6 @@ def builtin_jumps(cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:
             f"-A {builtin} {jump_rule_args(new_only, comment, target)}"
         )
     return {key: tuple(rules) for key, rules in out.items()}
-
-
-View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 
 
 def render_view(view: View, cfg: RenderConfig) -> dict[ChainKey, tuple[str, ...]]:

@@ -42,9 +42,8 @@ from kproxy.infra import log
 from kproxy.infra.gcpause import gc_paused
 from kproxy.netfilter.restore import Restorer
 from kproxy.netfilter.ruleset import OWNED_PREFIXES, TABLES, ChainKey, PortRules, restore_payload
-from kproxy.state.model import Endpoint, ServicePort, ServicePortName, port_order
+from kproxy.state.model import Endpoint, ServicePort, ServicePortName, View, port_order
 
-View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 Rules = tuple[str, ...]
 CANARY_KEY: ChainKey = ("nat", CANARY)
 TRUST_APPLIED = frozenset({"periodic", "requested", "config"})
@@ -79,7 +78,7 @@ class SyncResult:
         return self.render_s + self.diff_s + self.restore_s + self.check_s
 
 
-class _Port(NamedTuple):
+class _AppliedPort(NamedTuple):
     sp: ServicePort
     eps: tuple[Endpoint, ...]
     rules: PortRules
@@ -138,7 +137,7 @@ class SyncEngine:
         self._clock = clock
         self._fixed: dict[ChainKey, Rules] = assemble((), cfg)
         """Top-level chains as they are with no ports: their keys, in order, and tail rules."""
-        self._ports: dict[ServicePortName, _Port] = {}
+        self._ports: dict[ServicePortName, _AppliedPort] = {}
         self._applied: dict[ChainKey, Rules] = {}
         self._shared: dict[ChainKey, dict[ServicePortName, Rules]] = {}
         self._order: dict[ChainKey, list[ServicePortName]] = {}
@@ -325,7 +324,7 @@ class SyncEngine:
         pr: PortRules,
     ) -> None:
         old = self._ports.get(name)
-        self._ports[name] = _Port(entry[0], entry[1], pr)
+        self._ports[name] = _AppliedPort(entry[0], entry[1], pr)
         if old is not None and old.rules is pr:
             return
         applied = self._applied
@@ -367,7 +366,7 @@ class SyncEngine:
     def _full(self, view: View, reason: str, check_s: float) -> SyncResult:
         t0 = time.perf_counter()
         cfg = self.cfg
-        ports: dict[ServicePortName, _Port] = {}
+        ports: dict[ServicePortName, _AppliedPort] = {}
         plan = _Plan()
         # One pause over render and plan, and at 10,000 services the freeze inside it: the
         # render's objects live until the next full sync and form no cycles, so they go out
@@ -376,7 +375,7 @@ class SyncEngine:
         with gc_paused():
             for name in sorted(view, key=port_order):
                 sp, eps = view[name]
-                ports[name] = _Port(sp, eps, render_port(sp, eps, cfg))
+                ports[name] = _AppliedPort(sp, eps, render_port(sp, eps, cfg))
             t1 = time.perf_counter()
             self._ports = ports
             self._shared = {}

@@ -10,8 +10,7 @@ from kproxy.backends.nftables.sync import NftSyncEngine
 from kproxy.backends.nftables.writer import NftWriter, host_writer
 from kproxy.config import RenderConfig
 from kproxy.infra import log
-from kproxy.state.model import Family, ServicePortName
-from kproxy.tracking.changes import PortEntry
+from kproxy.state.model import Family, PortEntry, ServicePortName
 
 
 class NftablesProxier:

@@ -32,12 +32,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
 from kproxy.config import RenderConfig
-from kproxy.state.model import Endpoint, ServicePort, ServicePortName, port_order
+from kproxy.state.model import Endpoint, ServicePort, View, port_order
 from kproxy.state.topology import categorize, external_local, uses_cluster, uses_local
 
 TABLE = "kube-proxy"
@@ -69,8 +69,6 @@ def endpoints_map(n: int) -> str:
 def nodeport_endpoints_map(n: int) -> str:
     return f"nodeport-endpoints-{n}"
 
-
-View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 
 Element = tuple[str, str, str]
 """(map or set name, key, value): value is "" for a set element."""

@@ -29,7 +29,6 @@ from kproxy.backends.nftables.render import (
     SYNC_STATE,
     TABLE,
     PortObjects,
-    View,
     element_commands,
     family_words,
     fixed_part,
@@ -40,7 +39,7 @@ from kproxy.backends.nftables.writer import NftWriter
 from kproxy.config import RenderConfig
 from kproxy.infra import log
 from kproxy.infra.gcpause import gc_paused
-from kproxy.state.model import ServicePortName, port_order
+from kproxy.state.model import ServicePortName, View, port_order
 
 ElementKey = tuple[str, str]
 

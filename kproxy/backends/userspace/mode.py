@@ -22,8 +22,7 @@ from kproxy.config import RenderConfig
 from kproxy.infra import log
 from kproxy.netfilter.restore import CommandRestorer, Restorer, detect_backend
 from kproxy.netfilter.ruleset import ChainKey, restore_payload
-from kproxy.state.model import Family, ServicePortName
-from kproxy.tracking.changes import PortEntry
+from kproxy.state.model import Family, PortEntry, ServicePortName
 
 
 class UserspaceMode:

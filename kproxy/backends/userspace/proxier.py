@@ -24,10 +24,9 @@ from kproxy.backends.userspace.tcp import DIAL_TIMEOUTS, Gate, Hooks, TcpService
 from kproxy.backends.userspace.udp import UdpService
 from kproxy.infra import log
 from kproxy.state import topology
-from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
+from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName, View
 
 Engine = Literal["raw", "protocol"]
-View = Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]]
 
 
 Role = Literal["internal", "external"]
@@ -57,7 +56,7 @@ def choose(
 
 
 @dataclass(slots=True)
-class _Port:
+class _Listener:
     sp: ServicePort
     balancer: Balancer
     port: int
@@ -102,8 +101,8 @@ class UserspaceProxier:
         self.engine: Engine = engine
         self.splice = splice
         self._reactor: Reactor | None = None
-        self._ports: dict[ServicePortName, _Port] = {}
-        self._external: dict[ServicePortName, _Port] = {}
+        self._ports: dict[ServicePortName, _Listener] = {}
+        self._external: dict[ServicePortName, _Listener] = {}
         self._inherited: dict[str, socket.socket] = {}
         self._opened: dict[str, socket.socket] = {}
         self._closed: list[str] = []
@@ -199,7 +198,12 @@ class UserspaceProxier:
             self._inherited.clear()
 
     def _update_port(
-        self, name: ServicePortName, p: _Port, sp: ServicePort, endpoints: Sequence[Endpoint], choice: Choice
+        self,
+        name: ServicePortName,
+        p: _Listener,
+        sp: ServicePort,
+        endpoints: Sequence[Endpoint],
+        choice: Choice,
     ) -> None:
         if sp != p.sp:
             if sp.lb_algorithm != p.sp.lb_algorithm:
@@ -222,7 +226,7 @@ class UserspaceProxier:
         endpoints: Sequence[Endpoint],
         choice: Choice,
         role: Role,
-    ) -> _Port | None:
+    ) -> _Listener | None:
         if role == "internal":
             _warn_algorithm(name, sp.lb_algorithm)
         balancer = Balancer(
@@ -245,7 +249,7 @@ class UserspaceProxier:
                     idle_timeout=self.udp_idle_timeout,
                 )
                 port = udp.adopt(inherited) if inherited is not None else udp.open()
-                p = _Port(sp, balancer, port, role, choice, udp=udp, endpoints=eps)
+                p = _Listener(sp, balancer, port, role, choice, udp=udp, endpoints=eps)
             else:
                 sctp = sp.protocol == "SCTP"
                 if sctp:
@@ -267,7 +271,7 @@ class UserspaceProxier:
                         port = raw.adopt(inherited)
                     else:
                         port = raw.open(self.bind_ip, 0, self.backlog)
-                    p = _Port(sp, balancer, port, role, choice, raw=raw, endpoints=eps)
+                    p = _Listener(sp, balancer, port, role, choice, raw=raw, endpoints=eps)
                 else:
                     tcp = TcpService(
                         label,
@@ -286,7 +290,7 @@ class UserspaceProxier:
                             tcp.protocol, self.bind_ip, 0, backlog=self.backlog, reuse_address=True
                         )
                     port = int(server.sockets[0].getsockname()[1])
-                    p = _Port(sp, balancer, port, role, choice, tcp=tcp, server=server, endpoints=eps)
+                    p = _Listener(sp, balancer, port, role, choice, tcp=tcp, server=server, endpoints=eps)
         except OSError as e:
             if inherited is not None:
                 inherited.close()
@@ -318,7 +322,7 @@ class UserspaceProxier:
             self._reactor = Reactor(loop)
         return self._reactor
 
-    def _close_port(self, name: ServicePortName, p: _Port) -> None:
+    def _close_port(self, name: ServicePortName, p: _Listener) -> None:
         """Stop accepting; connections already open run to their natural end."""
         key = listener_key(name, p.sp, p.role, self.bind_ip)
         if self._opened.pop(key, None) is None:
@@ -365,7 +369,7 @@ def listener_key(name: ServicePortName, sp: ServicePort, role: Role, bind_ip: st
     return f"{sp.family}|{bind_ip}|{name.namespace}/{name.name}:{name.port_name}/{sp.protocol}|{role}"
 
 
-def _listening_socket(p: _Port) -> socket.socket | None:
+def _listening_socket(p: _Listener) -> socket.socket | None:
     if p.raw is not None:
         return p.raw.lsock
     if p.udp is not None:
