@@ -11,10 +11,11 @@ from kproxy.backends.iptables.sync import SyncEngine
 from kproxy.config import RenderConfig
 from kproxy.errors import ConfigError, RestoreError
 from kproxy.netfilter import restore
-from kproxy.netfilter.restore import FakeRestorer, detect_backend, failed_line
+from kproxy.netfilter.restore import detect_backend, failed_line
 from kproxy.netfilter.ruleset import Table
 from kproxy.state.model import Family
 from tests.support.naming import sep_chain, svc_chain
+from tests.support.restorer import FakeRestorer
 from tests.sync_cases import View, cluster, port_name, service, with_endpoints
 
 CFG = RenderConfig(family=4, node_name="node-a", cluster_cidr=("10.0.0.0/8",))

@@ -17,13 +17,7 @@ from typing import Literal
 L4Protocol = Literal["TCP", "UDP", "SCTP"]
 Family = Literal[4, 6]
 AddressType = Literal["IPv4", "IPv6", "FQDN"]
-PROTOCOLS: tuple[L4Protocol, ...] = ("TCP", "UDP", "SCTP")
 FAMILIES: tuple[Family, ...] = (4, 6)
-
-
-def family_of(ip: str) -> Family:
-    """Addresses reaching this function are already normalised by the parser."""
-    return 6 if ":" in ip else 4
 
 
 def in_family(address: str, family: Family) -> bool:

@@ -168,9 +168,6 @@ class ChangeTracker:
             changed = self.upsert(obj) or changed
         return changed
 
-    def mark_listed(self, kind: str) -> None:
-        self._listed.add(kind)
-
     # ------------------------------------------------------------- outputs
 
     @property
