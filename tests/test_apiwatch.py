@@ -25,8 +25,8 @@ from kproxy.sources.apiwatch import (
     make_api_client,
 )
 from kproxy.sources.events import Resource, SourceEvent
-from kproxy.state.model import EndpointSlice, ObjectRef, Service
-from kproxy.state.parse import Parsed, parse_object_all
+from kproxy.state.model import EndpointSlice, KObject, ObjectRef, Service
+from kproxy.state.parse import parse_object_all
 from tests.apiserver_standin import (
     ApiServerStandIn,
     _label_match,
@@ -131,10 +131,10 @@ class Harness:
     async def synced(self) -> None:
         await self.until(lambda: self.mirror.listed(self.source.resources), "first lists")
 
-    def state(self, resource: Resource) -> dict[ObjectRef, tuple[Parsed, ...]]:
+    def state(self, resource: Resource) -> dict[ObjectRef, tuple[KObject, ...]]:
         return dict(self.mirror.get(resource))
 
-    def expected(self, kind: str) -> dict[ObjectRef, tuple[Parsed, ...]]:
+    def expected(self, kind: str) -> dict[ObjectRef, tuple[KObject, ...]]:
         """What the API holds for `kind`, as kube-proxy's selector and kproxy's parser see it."""
         out = {}
         for obj in self.api.objects(kind):

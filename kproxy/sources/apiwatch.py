@@ -34,8 +34,8 @@ from kproxy.errors import ConfigError, ObjectError, SourceError
 from kproxy.infra import log
 from kproxy.infra.gcpause import gc_paused
 from kproxy.sources.events import Resource, SourceEvent
-from kproxy.state.model import ObjectRef
-from kproxy.state.parse import Parsed, parse_object_all
+from kproxy.state.model import KObject, ObjectRef
+from kproxy.state.parse import parse_object_all
 
 _loads: Callable[[bytes], Any] = json.loads
 """orjson measured no faster end to end here (bench/decode_bench.py); pausing the GC was what paid."""
@@ -49,7 +49,7 @@ class Decoder(Protocol):
 
     def __call__(
         self, obj: Mapping[str, Any], source: str = "", *, warnings: list[ObjectError] | None = None
-    ) -> tuple[Parsed, ...]: ...
+    ) -> tuple[KObject, ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +304,7 @@ class _Watcher:
 
     def _relist(self) -> None:
         self.stats.lists += 1
-        items: dict[ObjectRef, tuple[Parsed, ...]] = {}
+        items: dict[ObjectRef, tuple[KObject, ...]] = {}
         cont: str | None = None
         budget = self.cfg.list_timeout + self.cfg.stall_margin
         while True:
@@ -354,7 +354,7 @@ class _Watcher:
             )
         )
 
-    def _parse(self, obj: dict[str, Any]) -> tuple[ObjectRef | None, tuple[Parsed, ...]]:
+    def _parse(self, obj: dict[str, Any]) -> tuple[ObjectRef | None, tuple[KObject, ...]]:
         meta = obj.get("metadata")
         if not isinstance(meta, dict) or not meta.get("name"):
             self.stats.skipped += 1

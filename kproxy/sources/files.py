@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kproxy.errors import ObjectError
-from kproxy.state.model import ObjectRef
-from kproxy.state.parse import Parsed, parse_stream
+from kproxy.state.model import KObject, ObjectRef
+from kproxy.state.parse import parse_stream
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -183,9 +183,9 @@ def read_manifest(
 
 def load_paths(
     paths: Sequence[str], *, recursive: bool = False, warnings: list[ObjectError] | None = None
-) -> tuple[list[Parsed], list[ObjectError]]:
+) -> tuple[list[KObject], list[ObjectError]]:
     """Objects from files and directories, in the order given (directories in name order)."""
-    objs: list[Parsed] = []
+    objs: list[KObject] = []
     errors: list[ObjectError] = []
     for path in paths:
         if os.path.isdir(path):

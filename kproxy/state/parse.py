@@ -38,6 +38,7 @@ from kproxy.infra.gcpause import gc_paused
 from kproxy.state.model import (
     AddressType,
     EndpointSlice,
+    KObject,
     L4Protocol,
     Node,
     ObjectRef,
@@ -46,8 +47,6 @@ from kproxy.state.model import (
     SliceEndpoint,
     SlicePort,
 )
-
-Parsed = Service | EndpointSlice | Node
 
 MAX_JSON_DEPTH: Final = 10_000
 """How deep JSON may nest, as Go's encoding/json (and so the API server) allows; deeper is an error."""
@@ -886,11 +885,11 @@ def _to_be_deleted(spec: Mapping[str, Any]) -> bool:
 
 # ------------------------------------------------------------ dispatch
 
-_Reader = Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[Parsed, ...]]
+_Reader = Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[KObject, ...]]
 
 
-def _one(fn: Callable[[Mapping[str, Any], Mapping[str, Any]], Parsed | None]) -> _Reader:
-    def read(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[Parsed, ...]:
+def _one(fn: Callable[[Mapping[str, Any], Mapping[str, Any]], KObject | None]) -> _Reader:
+    def read(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[KObject, ...]:
         got = fn(obj, meta)
         return () if got is None else (got,)
 
@@ -912,7 +911,7 @@ def parse_object_all(
     *,
     kind: str = "",
     warnings: list[ObjectError] | None = None,
-) -> tuple[Parsed, ...]:
+) -> tuple[KObject, ...]:
     """Every kproxy object one API object yields (0 when ignored, several for a legacy Endpoints).
 
     `kind` supplies the kind for items of a typed list (ServiceList items carry none).
@@ -960,7 +959,7 @@ def parse_object_all(
         raise ObjectError(_identity(k, meta, namespaced), "", reason, source) from e
 
 
-def parse_object(obj: Mapping[str, Any], source: str = "") -> Parsed | None:
+def parse_object(obj: Mapping[str, Any], source: str = "") -> KObject | None:
     """The single kproxy object an API object yields, or None when kproxy ignores it.
 
     A v1 Endpoints that needs several slices (more than one port set or address family)
@@ -984,12 +983,12 @@ def parse_many(
     *,
     kind: str = "",
     warnings: list[ObjectError] | None = None,
-) -> tuple[list[Parsed], list[ObjectError]]:
+) -> tuple[list[KObject], list[ObjectError]]:
     """Every object of a batch (a relist, a typed list's items): errors collected, never raised.
 
     `kind` is the item kind for a typed list whose items carry none (ServiceList items).
     """
-    out: list[Parsed] = []
+    out: list[KObject] = []
     errors: list[ObjectError] = []
     with gc_paused():
         for item in objs:
@@ -1162,7 +1161,7 @@ def is_document_error(e: ObjectError) -> bool:
 
 def parse_stream(
     text: str, source: str, *, fmt: str = "", warnings: list[ObjectError] | None = None
-) -> tuple[list[Parsed], list[ObjectError]]:
+) -> tuple[list[KObject], list[ObjectError]]:
     """Every object in a YAML or JSON text (multi-document, `kind: List`, typed lists).
 
     `fmt` is "json" for a `.json` file: when it opens as JSON does it is read by the JSON
@@ -1178,8 +1177,8 @@ def parse_stream(
 
 def _parse_stream(
     text: str, source: str, fmt: str, warnings: list[ObjectError] | None
-) -> tuple[list[Parsed], list[ObjectError]]:
-    objs: list[Parsed] = []
+) -> tuple[list[KObject], list[ObjectError]]:
+    objs: list[KObject] = []
     errors: list[ObjectError] = []
     values: list[Any] | None
     head = text.lstrip(" \t\r\n\ufeff")[:1]
@@ -1213,7 +1212,7 @@ def _collect(
     doc: object,
     where: str,
     index: int,
-    objs: list[Parsed],
+    objs: list[KObject],
     errors: list[ObjectError],
     warnings: list[ObjectError] | None = None,
 ) -> None:
@@ -1258,7 +1257,7 @@ def _collect_one(
     where: str,
     kind: str,
     prefix: str,
-    objs: list[Parsed],
+    objs: list[KObject],
     errors: list[ObjectError],
     warnings: list[ObjectError] | None = None,
 ) -> None:

@@ -10,15 +10,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from kproxy.sources.events import Resource, SourceEvent
-from kproxy.state.model import KObject as Parsed
-from kproxy.state.model import ObjectRef
+from kproxy.state.model import KObject, ObjectRef
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
     ref: ObjectRef
-    old: tuple[Parsed, ...]
-    new: tuple[Parsed, ...]
+    old: tuple[KObject, ...]
+    new: tuple[KObject, ...]
 
 
 class SourceMirror:
@@ -29,7 +28,7 @@ class SourceMirror:
     """
 
     def __init__(self) -> None:
-        self._by: dict[Resource, dict[ObjectRef, tuple[Parsed, ...]]] = {}
+        self._by: dict[Resource, dict[ObjectRef, tuple[KObject, ...]]] = {}
         self._listed: set[Resource] = set()
 
     def apply(self, ev: SourceEvent) -> list[Change]:
@@ -58,10 +57,10 @@ class SourceMirror:
     def listed(self, resources: Sequence[Resource]) -> bool:
         return self._listed.issuperset(resources)
 
-    def objects(self) -> Iterator[Parsed]:
+    def objects(self) -> Iterator[KObject]:
         for table in self._by.values():
             for objs in table.values():
                 yield from objs
 
-    def get(self, resource: Resource) -> Mapping[ObjectRef, tuple[Parsed, ...]]:
+    def get(self, resource: Resource) -> Mapping[ObjectRef, tuple[KObject, ...]]:
         return self._by.get(resource, {})
