@@ -29,12 +29,13 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Any, Final, NoReturn, TypeVar, cast
 
 import yaml
 
 from kproxy.errors import ObjectError
 from kproxy.infra.gcpause import gc_paused
+from kproxy.state.api import RawMeta, RawObject
 from kproxy.state.model import (
     AddressType,
     EndpointSlice,
@@ -71,7 +72,7 @@ _LABEL_NAME: Final = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])
 _PROTOCOLS: Final[dict[object, L4Protocol]] = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP"}
 _ADDRESS_TYPES: Final[dict[object, AddressType]] = {"IPv4": "IPv4", "IPv6": "IPv6", "FQDN": "FQDN"}
 _SERVICE_TYPES: Final = ("ClusterIP", "NodePort", "LoadBalancer")
-_EMPTY: Final[Mapping[str, Any]] = {}
+_EMPTY: Final[Mapping[str, object]] = {}
 _CACHE_LIMIT: Final = 200_000
 _intern = sys.intern
 _K = TypeVar("_K")
@@ -166,7 +167,7 @@ def _show(v: object, limit: int = 60) -> str:
 # ------------------------------------------------------------ primitive readers
 
 
-def _map(v: object, field: str) -> Mapping[str, Any]:
+def _map(v: object, field: str) -> Mapping[str, object]:
     if v is None:
         return _EMPTY
     if isinstance(v, dict | Mapping):
@@ -174,7 +175,7 @@ def _map(v: object, field: str) -> Mapping[str, Any]:
     _fail(field, f"must be an object, not {_tname(v)}")
 
 
-def _list(v: object, field: str) -> Sequence[Any]:
+def _list(v: object, field: str) -> Sequence[object]:
     if v is None:
         return ()
     if isinstance(v, list | tuple):
@@ -209,7 +210,7 @@ def _int(v: object, field: str, lo: int, hi: int) -> int:
     return v
 
 
-def _each(items: Sequence[Any], field: str, fn: Callable[[Any, str], Any]) -> list[Any]:
+def _each(items: Sequence[object], field: str, fn: Callable[[Any, str], Any]) -> list[Any]:
     """fn over a list, naming the failing item `field[i]`."""
     out: list[Any] = []
     for i, v in enumerate(items):
@@ -347,7 +348,7 @@ def _special(address: str) -> str:
     return ""
 
 
-def _non_special_ips(items: Sequence[Any], field: str) -> tuple[str, ...]:
+def _non_special_ips(items: Sequence[object], field: str) -> tuple[str, ...]:
     """Addresses of a list field; a special one is left out alone, with a warning naming it."""
     out: list[str] = []
     for i, v in enumerate(items):
@@ -412,7 +413,7 @@ def _identity(kind: str, meta_raw: object, namespaced: bool) -> ObjectRef:
     return ObjectRef(kind, ns, _display_name(meta.get("name")))
 
 
-def _names(meta: Mapping[str, Any], namespaced: bool, service_name: bool) -> tuple[str, str]:
+def _names(meta: RawMeta, namespaced: bool, service_name: bool) -> tuple[str, str]:
     """Namespace (defaulting to "default", as kubectl does for manifests) and name."""
     ns = ""
     if namespaced:
@@ -425,25 +426,25 @@ def _names(meta: Mapping[str, Any], namespaced: bool, service_name: bool) -> tup
     return ns, name
 
 
-def _resource_version(meta: Mapping[str, Any]) -> str:
+def _resource_version(meta: RawMeta) -> str:
     rv = _str(meta.get("resourceVersion"), "metadata.resourceVersion")
     if rv and (len(rv) > 64 or not rv.isprintable() or " " in rv):
         _fail("metadata.resourceVersion", f"{_show(rv)} is not a valid resource version")
     return rv
 
 
-def _labels(meta: Mapping[str, Any]) -> Mapping[str, Any]:
+def _labels(meta: RawMeta) -> Mapping[str, object]:
     return _map(meta.get("labels"), "metadata.labels")
 
 
-def _ignored_by_label(labels: Mapping[str, Any]) -> bool:
+def _ignored_by_label(labels: Mapping[str, object]) -> bool:
     return SERVICE_PROXY_NAME_LABEL in labels or HEADLESS_LABEL in labels
 
 
 # ------------------------------------------------------------ Service
 
 
-def _service(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> Service | None:
+def _service(obj: RawObject, meta: RawMeta) -> Service | None:
     labels = _labels(meta)
     if _ignored_by_label(labels):
         return None
@@ -498,7 +499,7 @@ def _service(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> Service | None:
     )
 
 
-def _lb_algorithm(meta: Mapping[str, Any]) -> str:
+def _lb_algorithm(meta: RawMeta) -> str:
     """kproxy's own annotation: a plausible name passes through (userspace mode logs an unknown one and
     falls back); an implausible one is ignored with a warning, as kube-proxy ignores annotations it
     does not know, so the Service still renders with round robin."""
@@ -517,7 +518,7 @@ def _lb_algorithm(meta: Mapping[str, Any]) -> str:
     return _intern(v)
 
 
-def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...] | None:
+def _cluster_ips(spec: Mapping[str, object]) -> tuple[str, ...] | None:
     """spec.clusterIPs (dual stack) or else spec.clusterIP; None means headless (ignored)."""
     primary = spec.get("clusterIP")
     if primary == "None":
@@ -552,7 +553,7 @@ def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...] | None:
     return ips
 
 
-def _ingress_ips(obj: Mapping[str, Any]) -> tuple[str, ...]:
+def _ingress_ips(obj: RawObject) -> tuple[str, ...]:
     """status.loadBalancer.ingress IPs in VIP mode; hostname-only and ipMode Proxy entries are not ours."""
     status = _map(obj.get("status"), "status")
     lb = _map(status.get("loadBalancer"), "status.loadBalancer")
@@ -574,7 +575,7 @@ def _ingress_ips(obj: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _affinity(spec: Mapping[str, Any]) -> int:
+def _affinity(spec: Mapping[str, object]) -> int:
     aff = _str(spec.get("sessionAffinity"), "spec.sessionAffinity")
     if aff in ("", "None"):
         return 0
@@ -588,7 +589,7 @@ def _affinity(spec: Mapping[str, Any]) -> int:
     return _int(t, "spec.sessionAffinityConfig.clientIP.timeoutSeconds", 1, MAX_AFFINITY_TIMEOUT)
 
 
-def _service_ports(spec: Mapping[str, Any], node_ports: bool) -> tuple[ServicePortSpec, ...]:
+def _service_ports(spec: Mapping[str, object], node_ports: bool) -> tuple[ServicePortSpec, ...]:
     raw = _list(spec.get("ports"), "spec.ports")
     out: list[ServicePortSpec] = []
     seen: set[tuple[str, str]] = set()
@@ -641,7 +642,7 @@ def _target_port(v: object, field: str, port: int) -> int | str:
 # ------------------------------------------------------------ EndpointSlice
 
 
-def _endpoint_slice(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> EndpointSlice | None:
+def _endpoint_slice(obj: RawObject, meta: RawMeta) -> EndpointSlice | None:
     labels = _labels(meta)
     if _ignored_by_label(labels):
         return None
@@ -775,7 +776,7 @@ def _node_hint(n_raw: object, field: str) -> str:
 # ------------------------------------------------------------ legacy Endpoints
 
 
-def _endpoints(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[EndpointSlice, ...]:
+def _endpoints(obj: RawObject, meta: RawMeta) -> tuple[EndpointSlice, ...]:
     """v1 Endpoints: subsets x ports x addresses; notReadyAddresses are ignored, as kube-proxy once did.
 
     Every address in an Endpoints shares its subset's ports, so each (subset, family)
@@ -841,7 +842,7 @@ def _legacy_address(a_raw: object, field: str) -> SliceEndpoint:
 # ------------------------------------------------------------ Node
 
 
-def _node(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> Node:
+def _node(obj: RawObject, meta: RawMeta) -> Node:
     _, name = _names(meta, namespaced=False, service_name=False)
     labels: list[tuple[str, str]] = []
     for k, v in _labels(meta).items():
@@ -875,7 +876,7 @@ def _node(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> Node:
     )
 
 
-def _to_be_deleted(spec: Mapping[str, Any]) -> bool:
+def _to_be_deleted(spec: Mapping[str, object]) -> bool:
     """The cluster autoscaler's taint on a node it is about to remove (kube-proxy's ToBeDeletedTaint)."""
     taints = spec.get("taints")
     return isinstance(taints, list) and any(
@@ -885,11 +886,11 @@ def _to_be_deleted(spec: Mapping[str, Any]) -> bool:
 
 # ------------------------------------------------------------ dispatch
 
-_Reader = Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[KObject, ...]]
+_Reader = Callable[[RawObject, RawMeta], tuple[KObject, ...]]
 
 
-def _one(fn: Callable[[Mapping[str, Any], Mapping[str, Any]], KObject | None]) -> _Reader:
-    def read(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[KObject, ...]:
+def _one(fn: Callable[[RawObject, RawMeta], KObject | None]) -> _Reader:
+    def read(obj: RawObject, meta: RawMeta) -> tuple[KObject, ...]:
         got = fn(obj, meta)
         return () if got is None else (got,)
 
@@ -906,7 +907,7 @@ _KINDS: Final[dict[str, tuple[tuple[str, ...], bool, _Reader]]] = {
 
 
 def parse_object_all(
-    obj: Mapping[str, Any],
+    obj: Mapping[str, object],
     source: str = "",
     *,
     kind: str = "",
@@ -938,12 +939,14 @@ def parse_object_all(
             )
         if not isinstance(meta, Mapping):
             _fail("metadata", "is required and must be an object")
+        # Checked to be mappings; RawObject/RawMeta name the fields read, each checked as it is.
+        raw, raw_meta = cast(RawObject, obj), cast(RawMeta, meta)
         if warnings is None:
-            return reader(obj, meta)
+            return reader(raw, raw_meta)
         notes: list[tuple[str, str]] = []
         _notes.found = notes
         try:
-            got = reader(obj, meta)
+            got = reader(raw, raw_meta)
         finally:
             _notes.found = None
         if notes:
@@ -959,7 +962,7 @@ def parse_object_all(
         raise ObjectError(_identity(k, meta, namespaced), "", reason, source) from e
 
 
-def parse_object(obj: Mapping[str, Any], source: str = "") -> KObject | None:
+def parse_object(obj: Mapping[str, object], source: str = "") -> KObject | None:
     """The single kproxy object an API object yields, or None when kproxy ignores it.
 
     A v1 Endpoints that needs several slices (more than one port set or address family)
