@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from kproxy.backends.iptables.render import (
-    BUILTIN_TARGETS,
     TOP_LEVEL,
     assemble,
     builtin_jumps,
@@ -24,6 +23,7 @@ from kproxy.config import RenderConfig
 from kproxy.netfilter.ruleset import PortRules
 from kproxy.state.model import Endpoint, Family, ServicePort, ServicePortName
 from tests.support import naming
+from tests.tracer import BUILTIN_TARGETS
 
 CFG = RenderConfig(family=4, node_name="node1", cluster_cidr=("10.0.0.0/8",))
 CFG6 = RenderConfig(family=6, node_name="node1", cluster_cidr=("fd00:10::/64",))

@@ -19,7 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kproxy.backends.iptables.render import BUILTIN_TARGETS
+BUILTIN_TARGETS = frozenset({"ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "MARK", "MASQUERADE"})
+"""Targets that are not chains of ours; a `-j` to anything else must be a chain in the ruleset."""
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 ChainKey = tuple[str, str]

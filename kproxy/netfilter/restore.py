@@ -71,7 +71,6 @@ from kproxy.state.model import Family
 XtablesBackend = Literal["legacy", "nft"]
 BACKENDS: tuple[XtablesBackend, ...] = ("legacy", "nft")
 KUBELET_MARKERS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
-BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 NFT_MIN_CHUNK = 1000
 """Fewest chains per nft restore call on large writes; see the module docstring."""
 

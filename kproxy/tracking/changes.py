@@ -184,10 +184,6 @@ class ChangeTracker:
         """(service changes, endpoint changes) waiting for a sync."""
         return self._service_changes, self._endpoint_changes
 
-    @property
-    def oldest_pending(self) -> float | None:
-        return self._first_queued
-
     def take(self) -> PendingChanges:
         pending = PendingChanges(
             services=frozenset(self._dirty),

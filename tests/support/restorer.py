@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from kproxy.errors import RestoreError
-from kproxy.netfilter.restore import BUILTIN_CHAINS
 from kproxy.netfilter.ruleset import ChainKey, Table
 from kproxy.state.model import Family
+
+BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
 
 class FakeRestorer:

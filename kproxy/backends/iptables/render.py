@@ -61,9 +61,6 @@ TOP_LEVEL: tuple[ChainKey, ...] = (
 )
 """Chains kproxy (like kube-proxy) owns that are not per service port."""
 
-# Targets that are not chains of ours; a `-j` to anything else must be a chain in the ruleset.
-BUILTIN_TARGETS = frozenset({"ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "MARK", "MASQUERADE"})
-
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:/[]")
 
 
