@@ -26,8 +26,16 @@ from kproxy.netfilter.conntrack import (
     clean_stale_entries,
 )
 from tests.netns import entered
-from tests.support.conntrack import PyrouteConntrack
-from tests.test_conntrack import NEW_POD_IP, POD_IP, VIP_DEAD, VIP_LIVE, ep, node_and_pod, sp
+from tests.support.conntrack import (
+    NEW_POD_IP,
+    POD_IP,
+    VIP_DEAD,
+    VIP_LIVE,
+    PyrouteConntrack,
+    ep,
+    node_and_pod,
+    sp,
+)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from kproxy.errors import RestoreError
 from kproxy.metrics import Metrics
 from kproxy.settings import Settings, add_run_arguments, from_args
 from kproxy.state.model import Family, Node, PortEntry, ServicePortName
-from tests.test_changes import eps, svc
+from tests.support.objects import eps, svc
 
 
 class Recorder:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import secrets
 import select
 import socket
-import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -19,9 +16,25 @@ from kproxy.netfilter.conntrack import (
     serving_sets,
     stale_flows,
 )
-from kproxy.state.model import Endpoint, Family, L4Protocol, ServiceKey, ServicePort, ServicePortName
-from tests.netns import create_netns, delete_netns, entered, exec_in, ip_batch
-from tests.support.conntrack import FakeConntrack, PyrouteConntrack, cleanup_needed
+from kproxy.state.model import Endpoint, Family, ServiceKey, ServicePort
+from tests.netns import entered, exec_in
+from tests.support.conntrack import (
+    NEW_POD_IP,
+    NEW_POD_IP6,
+    NODE_IP,
+    NODE_PORT,
+    POD_IP,
+    POD_IP6,
+    VIP6,
+    VIP_DEAD,
+    VIP_LIVE,
+    FakeConntrack,
+    PyrouteConntrack,
+    cleanup_needed,
+    ep,
+    node_and_pod,
+    sp,
+)
 
 VIP = "10.96.0.10"
 EXT = "203.0.113.7"
@@ -30,34 +43,6 @@ NODE = "192.168.1.5"
 POD_A = "10.244.1.10"
 POD_B = "10.244.1.11"
 CLIENT = "10.244.2.50"
-
-
-def sp(
-    name: str = "dns",
-    proto: L4Protocol = "UDP",
-    ip: str = VIP,
-    port: int = 53,
-    node_port: int = 0,
-    external: Sequence[str] = (),
-    lb: Sequence[str] = (),
-) -> ServicePort:
-    return ServicePort(
-        name=ServicePortName("kube-system", name, "", proto),
-        family=6 if ":" in ip else 4,
-        cluster_ip=ip,
-        port=port,
-        node_port=node_port,
-        external_ips=tuple(external),
-        load_balancer_ips=tuple(lb),
-    )
-
-
-def ep(
-    ip: str, serving: bool = True, ready: bool | None = None, terminating: bool = False, port: int = 5353
-) -> Endpoint:
-    return Endpoint(
-        ip=ip, port=port, ready=serving if ready is None else ready, serving=serving, terminating=terminating
-    )
 
 
 def flow(
@@ -215,62 +200,6 @@ def test_kernel_errors_are_reported_not_raised() -> None:
 
 
 # ------------------------------------------------------------------ kernel
-
-NODE_IP, POD_IP, NEW_POD_IP = "10.250.0.1", "10.250.0.2", "10.250.0.3"
-VIP_DEAD, VIP_LIVE, NODE_PORT = "10.96.0.10", "10.96.0.11", 30053
-NODE_IP6, POD_IP6, NEW_POD_IP6, VIP6 = "fd00:250::1", "fd00:250::2", "fd00:250::3", "fd00:96::a"
-
-
-@contextlib.contextmanager
-def node_and_pod() -> Iterator[tuple[str, str]]:
-    """A node namespace with a pod namespace behind a veth; DNAT rules as kube-proxy would write them.
-
-    The pod namespace holds both the old endpoint's address and its replacement's.
-    """
-    tag = "kphc" + secrets.token_hex(3)
-    node, pod = f"{tag}-node", f"{tag}-pod"
-    try:
-        create_netns(node)
-        create_netns(pod)
-        subprocess.run(
-            ["ip", "-n", node, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", pod],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        ip_batch(
-            node,
-            [
-                "link set lo up",
-                "link set veth0 up",
-                f"addr add {NODE_IP}/24 dev veth0",
-                "route add default dev veth0",
-                f"addr add {NODE_IP6}/64 dev veth0 nodad",
-                "route add ::/0 dev veth0",
-            ],
-        )
-        ip_batch(
-            pod,
-            [
-                "link set lo up",
-                "link set eth0 up",
-                f"addr add {POD_IP}/24 dev eth0",
-                f"addr add {NEW_POD_IP}/24 dev eth0",
-                f"addr add {POD_IP6}/64 dev eth0 nodad",
-            ],
-        )
-        for rule in (
-            f"-d {VIP_DEAD}/32 -p udp --dport 53 -j DNAT --to-destination {POD_IP}:5353",
-            f"-d {VIP_LIVE}/32 -p udp --dport 53 -j DNAT --to-destination {POD_IP}:5353",
-            f"-d {NODE_IP}/32 -p udp --dport {NODE_PORT} -j DNAT --to-destination {POD_IP}:5353",
-        ):
-            exec_in(node, ["iptables-nft", "-t", "nat", "-A", "OUTPUT", *rule.split()])
-        v6 = f"-d {VIP6}/128 -p udp --dport 53 -j DNAT --to-destination [{POD_IP6}]:5353"
-        exec_in(node, ["ip6tables-nft", "-t", "nat", "-A", "OUTPUT", *v6.split()])
-        yield node, pod
-    finally:
-        delete_netns(pod)
-        delete_netns(node)
 
 
 def _send(ns: str, targets: Sequence[tuple[str, int]]) -> None:

@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import pytest
 
-from tests.conftest import REQUIRED, privileged_missing
 from tests.netns import (
     BACKENDS,
     CLUSTER_CIDR,
@@ -42,6 +41,7 @@ from tests.netns import (
     request,
     sample,
 )
+from tests.support.privileges import REQUIRED, privileged_missing
 
 pytestmark = pytest.mark.privileged
 

@@ -1,18 +1,31 @@
-"""Conntrack helpers only tests use: the pyroute2 client that cross-checks `NetlinkConntrack`,
-an in-memory table, and the "does this sync warrant a cleanup" predicate."""
+"""Conntrack helpers for tests and bench/conntrack_bench.py: the pyroute2 client that cross-checks
+`NetlinkConntrack`, an in-memory table, the "does this sync warrant a cleanup" predicate, service
+ports and endpoints in one line, and a node namespace with a pod behind it and kube-proxy-style DNAT."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import secrets
 import socket
-from collections.abc import Iterable, Sequence
+import subprocess
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kproxy.netfilter.conntrack import _AF, Flow
-from kproxy.state.model import Family, PortEntry, ServiceKey
+from kproxy.state.model import (
+    Endpoint,
+    Family,
+    L4Protocol,
+    PortEntry,
+    ServiceKey,
+    ServicePort,
+    ServicePortName,
+)
+from tests.netns import create_netns, delete_netns, exec_in, ip_batch
 
 
 def udp_services(ports: Iterable[PortEntry]) -> frozenset[ServiceKey]:
@@ -112,3 +125,91 @@ class FakeConntrack:
                 self.deleted.append(f)
                 n += 1
         return n
+
+
+VIP = "10.96.0.10"
+
+
+def sp(
+    name: str = "dns",
+    proto: L4Protocol = "UDP",
+    ip: str = VIP,
+    port: int = 53,
+    node_port: int = 0,
+    external: Sequence[str] = (),
+    lb: Sequence[str] = (),
+) -> ServicePort:
+    return ServicePort(
+        name=ServicePortName("kube-system", name, "", proto),
+        family=6 if ":" in ip else 4,
+        cluster_ip=ip,
+        port=port,
+        node_port=node_port,
+        external_ips=tuple(external),
+        load_balancer_ips=tuple(lb),
+    )
+
+
+def ep(
+    ip: str, serving: bool = True, ready: bool | None = None, terminating: bool = False, port: int = 5353
+) -> Endpoint:
+    return Endpoint(
+        ip=ip, port=port, ready=serving if ready is None else ready, serving=serving, terminating=terminating
+    )
+
+
+NODE_IP, POD_IP, NEW_POD_IP = "10.250.0.1", "10.250.0.2", "10.250.0.3"
+VIP_DEAD, VIP_LIVE, NODE_PORT = "10.96.0.10", "10.96.0.11", 30053
+NODE_IP6, POD_IP6, NEW_POD_IP6, VIP6 = "fd00:250::1", "fd00:250::2", "fd00:250::3", "fd00:96::a"
+
+
+@contextlib.contextmanager
+def node_and_pod() -> Iterator[tuple[str, str]]:
+    """A node namespace with a pod namespace behind a veth; DNAT rules as kube-proxy would write them.
+
+    The pod namespace holds both the old endpoint's address and its replacement's.
+    """
+    tag = "kphc" + secrets.token_hex(3)
+    node, pod = f"{tag}-node", f"{tag}-pod"
+    try:
+        create_netns(node)
+        create_netns(pod)
+        subprocess.run(
+            ["ip", "-n", node, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", pod],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        ip_batch(
+            node,
+            [
+                "link set lo up",
+                "link set veth0 up",
+                f"addr add {NODE_IP}/24 dev veth0",
+                "route add default dev veth0",
+                f"addr add {NODE_IP6}/64 dev veth0 nodad",
+                "route add ::/0 dev veth0",
+            ],
+        )
+        ip_batch(
+            pod,
+            [
+                "link set lo up",
+                "link set eth0 up",
+                f"addr add {POD_IP}/24 dev eth0",
+                f"addr add {NEW_POD_IP}/24 dev eth0",
+                f"addr add {POD_IP6}/64 dev eth0 nodad",
+            ],
+        )
+        for rule in (
+            f"-d {VIP_DEAD}/32 -p udp --dport 53 -j DNAT --to-destination {POD_IP}:5353",
+            f"-d {VIP_LIVE}/32 -p udp --dport 53 -j DNAT --to-destination {POD_IP}:5353",
+            f"-d {NODE_IP}/32 -p udp --dport {NODE_PORT} -j DNAT --to-destination {POD_IP}:5353",
+        ):
+            exec_in(node, ["iptables-nft", "-t", "nat", "-A", "OUTPUT", *rule.split()])
+        v6 = f"-d {VIP6}/128 -p udp --dport 53 -j DNAT --to-destination [{POD_IP6}]:5353"
+        exec_in(node, ["ip6tables-nft", "-t", "nat", "-A", "OUTPUT", *v6.split()])
+        yield node, pod
+    finally:
+        delete_netns(pod)
+        delete_netns(node)
