@@ -1,0 +1,1 @@
+"""Where objects come from (API watch, manifest directory); every source emits `events.SourceEvent`."""

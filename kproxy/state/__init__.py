@@ -1,0 +1,1 @@
+"""Frozen, validated state: the model, the parser that builds it, per-family views and topology."""

@@ -19,7 +19,7 @@ the changed names stay pending, and the next sync is full, computed from the vie
 
 On nft, very large writes (a full sync, a churn of thousands of services) are split into
 several restores, because iptables-nft-restore slows down quadratically with payload
-size (see restore.py). Each restore is atomic and their order keeps every intermediate
+size (see kproxy/netfilter/restore.py). Each restore is atomic and their order keeps every intermediate
 ruleset consistent: no rule ever jumps to a chain that is not there yet.
 """
 
