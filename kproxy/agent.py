@@ -34,6 +34,7 @@ from kproxy.health import (
     healthz_response,
 )
 from kproxy.infra import log
+from kproxy.infra.httpd import split_host_port
 from kproxy.infra.runner import BoundedFrequencyRunner
 from kproxy.metrics import Metrics, MetricsServer, NoLocalEndpoints
 from kproxy.settings import Settings, bind_override
@@ -56,11 +57,6 @@ def name_some(keys: Iterable[object], limit: int = NAMED_IN_LOGS) -> str:
     names = sorted(map(str, keys))
     shown = ",".join(names[:limit])
     return f"{shown},+{len(names) - limit} more" if len(names) > limit else shown
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class NodeAgent:

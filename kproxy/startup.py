@@ -225,7 +225,7 @@ def check_tools(s: Settings) -> None:
 
 
 def check_bind(s: Settings) -> None:
-    from kproxy.agent import split_host_port
+    from kproxy.infra.httpd import split_host_port
 
     for option, address in (
         ("--healthz-bind-address", s.healthz_bind_address),

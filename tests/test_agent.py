@@ -4,43 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Mapping
 from dataclasses import replace
 
 import pytest
 
 from kproxy.agent import NodeAgent, make_backend
-from kproxy.backends.base import SyncReport
-from kproxy.config import RenderConfig
-from kproxy.errors import RestoreError
 from kproxy.metrics import Metrics
 from kproxy.settings import Settings, add_run_arguments, from_args
-from kproxy.state.model import Family, Node, PortEntry, ServicePortName
+from kproxy.state.model import Node
 from tests.support.objects import eps, svc
-
-
-class Recorder:
-    mode = "iptables"
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Family, set[str] | None, int]] = []
-        self.fail_next = False
-
-    async def sync(
-        self,
-        family: Family,
-        ports: Mapping[ServicePortName, PortEntry],
-        changed: set[ServicePortName] | None,
-        cfg: RenderConfig,
-    ) -> SyncReport:
-        if self.fail_next:
-            self.fail_next = False
-            raise RestoreError(family, 1, "iptables-restore: line 3 failed", 3)
-        self.calls.append((family, None if changed is None else {str(n) for n in changed}, len(ports)))
-        return SyncReport(full=changed is None)
-
-    async def close(self) -> None:
-        pass
+from tests.support.recorder import Recorder
 
 
 def agent() -> tuple[NodeAgent, Recorder]:

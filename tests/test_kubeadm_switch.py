@@ -258,7 +258,7 @@ def test_image_answers_kube_proxys_command_as_kproxy_run() -> None:
 
 
 def test_containerfile_installs_the_wrapper_where_kubeadms_command_points() -> None:
-    from tests.test_manifests import instructions
+    from tests.support.containerfile import instructions
 
     command = kubeadm_daemonset()["spec"]["template"]["spec"]["containers"][0]["command"][0]
     copies = [args.split() for word, args in instructions() if word == "COPY" and "--from" not in args]

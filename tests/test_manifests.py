@@ -16,7 +16,6 @@ import shlex
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import yaml
 
 from kproxy.settings import Settings, load_config_file
 from kproxy.startup import apply_conntrack
+from tests.support.containerfile import instructions
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -264,22 +264,6 @@ def test_example_validates_against_kubernetes_schema(path: Path) -> None:
 
 
 # ---- Containerfile ------------------------------------------------------------------------------
-
-
-def instructions() -> Iterator[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
-    logical = ""
-    for line in CONTAINERFILE.read_text().splitlines():
-        stripped = line.strip()
-        if not logical and (not stripped or stripped.startswith("#")):
-            continue
-        if stripped.endswith("\\"):
-            logical += stripped[:-1] + " "
-            continue
-        logical += stripped
-        word, _, rest = logical.partition(" ")
-        yield word.upper(), rest.strip()
-        logical = ""
 
 
 def exec_form(args: str) -> list[str]:

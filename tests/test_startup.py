@@ -212,7 +212,7 @@ def test_settings_reach_the_render_config() -> None:
     """What the config file says about local detection, localhost node ports and the node's
     primary IP (bindAddress) is what the renderer is given."""
     from kproxy.agent import NodeAgent
-    from tests.test_agent import Recorder
+    from tests.support.recorder import Recorder
 
     s = Settings(
         node_name="node-a",

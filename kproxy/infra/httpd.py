@@ -37,6 +37,12 @@ _WILDCARDS = ("", "0.0.0.0", "::")
 _READ_TIMEOUT = 10.0
 
 
+def split_host_port(address: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port`, as the bind-address settings hold them."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     method: str
