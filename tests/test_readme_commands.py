@@ -52,6 +52,11 @@ RULES: tuple[Rule, ...] = (
     Rule(r"\.venv/bin/pip install ", "skip", "installs the package these tests already run from"),
     Rule(r"\. \.venv/bin/activate$", "skip", "activating the venv is what this test's PATH does"),
     Rule(r"\.venv/bin/python -m pytest", "skip", "is this test suite"),
+    Rule(
+        r"\.venv/bin/(lint-imports|ruff check \.|ruff format --check \.|mypy)$",
+        "skip",
+        "a static check: .ci/run runs it before this suite and fails on any finding",
+    ),
     Rule(r"(podman|docker) ", "skip", "needs a container engine and a registry"),
     Rule(
         r"(debootstrap |rm -rf /tmp/rootfs/|tar -C /tmp/rootfs |pip wheel --wheel-dir /tmp/wheelhouse )",
