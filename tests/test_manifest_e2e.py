@@ -14,7 +14,7 @@ import pytest
 
 from tests.logfmt import parse_kproxy
 from tests.netns import exec_in, netns_guard
-from tests.test_agent_e2e import (
+from tests.support.agent_node import (
     HEALTHZ,
     Agent,
     Node,
