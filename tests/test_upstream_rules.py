@@ -697,7 +697,7 @@ class ConfigRecorder:
 def test_agent_switches_large_cluster_mode_when_the_endpoint_total_crosses_1000() -> None:
     from kproxy.agent import NodeAgent
     from kproxy.settings import Settings
-    from tests.test_changes import eps, svc
+    from tests.support.objects import eps, svc
 
     settings = Settings(node_name="node-a", families=(4,), healthz_bind_address="", metrics_bind_address="")
     backend = ConfigRecorder()
