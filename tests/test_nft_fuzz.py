@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from kproxy.backends.nftables.render import effective_elements, render_view, table_script
 from kproxy.state.build import Snapshot, view
 from tests.netns import create_netns, delete_netns, run
-from tests.test_render_fuzz import clusters, configs, parse_all
+from tests.support.fuzz import clusters, configs, parse_all
 
 
 @pytest.fixture(scope="module")

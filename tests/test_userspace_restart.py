@@ -26,7 +26,7 @@ import pytest
 from kproxy.backends.userspace import handover
 from tests.cluster import Agent, agent_args
 from tests.netns import Reply, Topology, entered, netns_guard, request
-from tests.test_userspace_policies import SERVICES, TARGET_PORT, manifest, vip
+from tests.support.userspace_lab import SERVICES, TARGET_PORT, manifest, vip
 
 pytestmark = pytest.mark.privileged
 
