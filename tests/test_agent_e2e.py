@@ -17,14 +17,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,12 +32,7 @@ import pytest
 
 from tests.netns import (
     CLUSTER_CIDR,
-    PREFIX,
-    Family,
     Reply,
-    Topology,
-    create_netns,
-    delete_netns,
     entered,
     exec_in,
     netns_guard,
@@ -55,6 +48,8 @@ from tests.support.agent_node import (
     Agent,
     Node,
     eventually,
+    expected_rules,
+    kernel_vs_expected,
     module_topology,
     node,
     node_obj,
@@ -72,54 +67,6 @@ MODE = {m: ("--proxy-mode", m) for m in MODES}
 pytestmark = pytest.mark.privileged
 
 __all__ = ["module_topology", "netns_guard", "node"]
-
-# ------------------------------------------------------------------ kernel state
-
-
-def normalised_save(ns: str, family: Family) -> dict[tuple[str, str], list[str]]:
-    """(table, chain) -> its rules in order, policies included; counters and comments dropped."""
-    out: dict[tuple[str, str], list[str]] = {}
-    binary = "ip6tables-nft-save" if family == 6 else "iptables-nft-save"
-    for table in ("filter", "nat"):
-        text = exec_in(ns, [binary, "-t", table]).stdout
-        for line in text.splitlines():
-            if line.startswith(":"):
-                name, policy = line[1:].split()[:2]
-                out.setdefault((table, name), []).insert(0, f"policy {policy}")
-            elif line.startswith("-A "):
-                out.setdefault((table, line.split()[1]), []).append(line)
-    # built-in chains nobody added a rule to exist on one side only, depending on who touched the table
-    return {k: v for k, v in out.items() if k[1].startswith("KUBE-") or len(v) > 1}
-
-
-def expected_rules(
-    topo: Topology, objs: Sequence[dict[str, Any]], tmp: Path, family: Family
-) -> dict[tuple[str, str], list[str]]:
-    """What `kproxy dry-run` renders for `objs`, loaded into a scratch namespace and saved back by the
-    same tools, so both sides of the comparison are formatted by iptables-nft-save."""
-    manifest = write_objects(tmp / f"final-v{family}.yaml", objs)
-    argv = [sys.executable, "-m", "kproxy", "dry-run", "-f", str(manifest), "--node-name", topo.node_name]
-    argv += ["--ip-family", str(family), "--cluster-cidr", f"{CLUSTER_CIDR[4]},{CLUSTER_CIDR[6]}"]
-    rendered = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT, timeout=60).stdout
-    scratch = f"{PREFIX}{secrets.token_hex(4)}-scratch"
-    create_netns(scratch)
-    try:
-        restore = "ip6tables-nft-restore" if family == 6 else "iptables-nft-restore"
-        exec_in(scratch, [restore], input=rendered)
-        return normalised_save(scratch, family)
-    finally:
-        delete_netns(scratch)
-
-
-def kernel_vs_expected(ns: str, family: Family, want: dict[tuple[str, str], list[str]]) -> str:
-    """Every chain whose rules differ between the node's kernel and `want`; empty when none does."""
-    got = normalised_save(ns, family)
-    lines = []
-    for key in sorted(set(got) | set(want)):
-        if got.get(key) != want.get(key):
-            lines.append(f"{key}: kernel {got.get(key)} != expected {want.get(key)}")
-    return "\n".join(lines)
-
 
 # ------------------------------------------------------------------ tests
 

@@ -42,8 +42,8 @@ from typing import Any
 import pytest
 
 from tests.apiserver_standin import ApiServerStandIn
-from tests.netns import Family, Host, exec_in
-from tests.test_agent_e2e import (
+from tests.netns import Family, Host, exec_in, netns_guard
+from tests.support.agent_node import (
     HEALTHZ,
     NS,
     POD_PORT,
@@ -53,7 +53,6 @@ from tests.test_agent_e2e import (
     expected_rules,
     kernel_vs_expected,
     module_topology,
-    netns_guard,
     node,
     node_obj,
 )

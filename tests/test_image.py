@@ -40,9 +40,9 @@ import yaml
 
 from tests.apiserver_standin import ApiServerStandIn
 from tests.cluster import http_get
-from tests.conftest import REQUIRED
 from tests.netns import PREFIX, Host, Reply, Topology, entered, exec_in, netns_guard
 from tests.netns import request as send
+from tests.support.privileges import REQUIRED
 
 # the module's first test also builds the image (and, once per package list, the base)
 pytestmark = [pytest.mark.privileged, pytest.mark.slow, pytest.mark.timeout(900)]
