@@ -25,7 +25,6 @@ from kproxy.netfilter.conntrack import (
     NetlinkConntrack,
     clean_stale_entries,
 )
-from tests.netns import entered
 from tests.support.conntrack import (
     NEW_POD_IP,
     POD_IP,
@@ -36,6 +35,7 @@ from tests.support.conntrack import (
     node_and_pod,
     sp,
 )
+from tests.support.netns import entered
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.apiserver_standin import ApiServerStandIn, endpoint_slice, service
+from tests.support.apiserver_standin import ApiServerStandIn, endpoint_slice, service
 
 
 def _best(fn: Callable[[], int], repeat: int, *, gc_paused: bool = False) -> tuple[float, int]:

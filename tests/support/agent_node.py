@@ -21,8 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kproxy.backends.userspace import handover
-from tests.apiserver_standin import ApiServerStandIn
-from tests.netns import (
+from tests.support.apiserver_standin import ApiServerStandIn
+from tests.support.netns import (
     CLUSTER_CIDR,
     PREFIX,
     Family,
@@ -36,7 +36,7 @@ from tests.netns import (
     exec_in,
     request,
 )
-from tests.netns import _stop as stop_process
+from tests.support.netns import _stop as stop_process
 
 MODES = ("iptables", "nftables")
 MODE = {m: ("--proxy-mode", m) for m in MODES}

@@ -25,7 +25,7 @@ from kproxy.state.model import (
     ServicePort,
     ServicePortName,
 )
-from tests.netns import create_netns, delete_netns, exec_in, ip_batch
+from tests.support.netns import create_netns, delete_netns, exec_in, ip_batch
 
 
 def udp_services(ports: Iterable[PortEntry]) -> frozenset[ServiceKey]:

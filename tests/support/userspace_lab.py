@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tests.netns import FAMILIES, Family, Proto, Topology
+from tests.support.netns import FAMILIES, Family, Proto, Topology
 
 NAMESPACE = "kpu"
 TARGET_PORT = 8080

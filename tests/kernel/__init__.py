@@ -1,0 +1,1 @@
+"""Tests that load rules or read conntrack in network namespaces they create (root; see conftest)."""

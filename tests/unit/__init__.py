@@ -1,0 +1,1 @@
+"""Tests with no privileges: pure code, fakes, loopback sockets."""
