@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -16,3 +17,15 @@ def test_every_top_level_module_is_in_a_layer() -> None:
     modules = {f"kproxy.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"}
     modules |= {f"kproxy.{p.parent.name}" for p in package.glob("*/__init__.py")}
     assert sorted(modules - placed) == [], "add these to [tool.importlinter] layers in pyproject.toml"
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in tests/support; a test module importing another runs its tests twice
+    and ties unrelated files together."""
+    offenders = [
+        f"{path.relative_to(ROOT)}: {line.strip()}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        for line in path.read_text().splitlines()
+        if re.match(r"\s*(from|import) tests(\.\w+)*\.(test_\w+|conftest)\b", line)
+    ]
+    assert offenders == []
