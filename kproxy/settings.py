@@ -7,8 +7,11 @@ kube-proxy's rules, which a node switching images depends on:
   maxPerCore/min and timeouts, masqueradeBit, localhostNodePorts, oomScoreAdj) only a missing
   or null value does, and an explicit 0 keeps its meaning ("leave the kernel's value").
 - Unknown fields are warned about one by one, not refused (kube-proxy decodes leniently).
-  A known field asking for something kproxy does not do (an IPVS scheduler, nftables mode)
+  A known field asking for something kproxy does not do (an IPVS scheduler)
   gives one warning naming it. Wrong types and impossible values are refused with the path.
+- The mode picks the section, as kube-proxy's v1alpha1 conversion does: in nftables mode the
+  masquerade and sync-period fields come from `nftables.*`, in every other mode from
+  `iptables.*`; the other section is ignored.
 - With `--config` the file wins over the flags that mirror its fields; only
   `--hostname-override` and the logging flags still apply (cmd/kube-proxy/app/options.go).
   kproxy's own flags (`--manifests`, `--iptables-backend`, ...) have no field and always apply.
@@ -311,15 +314,29 @@ class Field:
     attr: str = ""
     zero_is_default: bool = True
     unsupported: str = ""
+    modes: frozenset[str] = frozenset()
+    """The `mode` values under which kube-proxy reads the field (empty: every mode); under any
+    other it is ignored silently, as kube-proxy's v1alpha1 conversion does."""
 
 
-def _f(path: str, parse: Parser, attr: str = "", *, ptr: bool = False, unsupported: str = "") -> Field:
-    return Field(path, parse, attr, zero_is_default=not ptr, unsupported=unsupported)
+def _f(
+    path: str,
+    parse: Parser,
+    attr: str = "",
+    *,
+    ptr: bool = False,
+    unsupported: str = "",
+    modes: frozenset[str] = frozenset(),
+) -> Field:
+    return Field(path, parse, attr, zero_is_default=not ptr, unsupported=unsupported, modes=modes)
 
 
 _DUR = parse_duration
 _NO_IPVS = "kproxy has no IPVS mode"
-_NO_NFT = "kproxy's nftables mode reads the iptables.* masquerade and sync-period fields (or syncPeriod, minSyncPeriod)"
+_NFT = frozenset({"nftables"})
+_NOT_NFT = frozenset(PROXY_MODES + UNSUPPORTED_MODES) - _NFT
+"""kube-proxy reads iptables.* masquerade and sync-period fields in every mode but nftables,
+and nftables.* only in nftables mode."""
 _NO_WIN = "kproxy does not run on Windows"
 
 CONFIG_FIELDS: tuple[Field, ...] = (
@@ -342,12 +359,12 @@ CONFIG_FIELDS: tuple[Field, ...] = (
     _f("enableProfiling", _bool, unsupported="kproxy serves no /debug/pprof"),
     _f("showHiddenMetricsForVersion", _str, unsupported="kproxy has no hidden metrics"),
     _f("mode", _mode, "proxy_mode"),
-    _f("iptables.masqueradeBit", _int_in(0, 31), "masquerade_bit", ptr=True),
-    _f("iptables.masqueradeAll", _bool, "masquerade_all"),
+    _f("iptables.masqueradeBit", _int_in(0, 31), "masquerade_bit", ptr=True, modes=_NOT_NFT),
+    _f("iptables.masqueradeAll", _bool, "masquerade_all", modes=_NOT_NFT),
     _f("iptables.localhostNodePorts", _bool, "localhost_nodeports", ptr=True),
     _f("iptables.snatNodeInternalIP", _bool, unsupported="kproxy masquerades to the egress address"),
-    _f("iptables.syncPeriod", _DUR, "sync_period"),
-    _f("iptables.minSyncPeriod", _DUR, "min_sync_period"),
+    _f("iptables.syncPeriod", _DUR, "sync_period", modes=_NOT_NFT),
+    _f("iptables.minSyncPeriod", _DUR, "min_sync_period", modes=_NOT_NFT),
     _f("syncPeriod", _DUR, "sync_period"),
     _f("minSyncPeriod", _DUR, "min_sync_period"),
     _f("ipvs.syncPeriod", _DUR, unsupported=_NO_IPVS),
@@ -358,10 +375,10 @@ CONFIG_FIELDS: tuple[Field, ...] = (
     _f("ipvs.tcpTimeout", _DUR, unsupported=_NO_IPVS),
     _f("ipvs.tcpFinTimeout", _DUR, unsupported=_NO_IPVS),
     _f("ipvs.udpTimeout", _DUR, unsupported=_NO_IPVS),
-    _f("nftables.masqueradeBit", _int_in(0, 31), unsupported=_NO_NFT),
-    _f("nftables.masqueradeAll", _bool, unsupported=_NO_NFT),
-    _f("nftables.syncPeriod", _DUR, unsupported=_NO_NFT),
-    _f("nftables.minSyncPeriod", _DUR, unsupported=_NO_NFT),
+    _f("nftables.masqueradeBit", _int_in(0, 31), "masquerade_bit", ptr=True, modes=_NFT),
+    _f("nftables.masqueradeAll", _bool, "masquerade_all", modes=_NFT),
+    _f("nftables.syncPeriod", _DUR, "sync_period", modes=_NFT),
+    _f("nftables.minSyncPeriod", _DUR, "min_sync_period", modes=_NFT),
     _f("winkernel.networkName", _str, unsupported=_NO_WIN),
     _f("winkernel.sourceVip", _str, unsupported=_NO_WIN),
     _f("winkernel.enableDSR", _bool, unsupported=_NO_WIN),
@@ -435,11 +452,14 @@ def config_values(doc: Any, where: str) -> dict[str, Any]:
         )
     warnings: list[str] = []
     out: dict[str, Any] = {}
+    mode = doc.get("mode") or "iptables"
     for path, value in _walk(doc, "", where, warnings):
         spec = _BY_PATH[path]
         if value is None or (spec.zero_is_default and _is_zero(value)):
             continue
         parsed = spec.parse(f"{where}: {path}", value)
+        if spec.modes and mode not in spec.modes:
+            continue
         if spec.unsupported:
             warnings.append(f"{where}: {path}: {spec.unsupported}; the value {value!r} is ignored")
         elif spec.attr:

@@ -186,10 +186,7 @@ def test_not_a_kube_proxy_configuration(tmp_path: Path) -> None:
     [
         ("mode: ipvs\n", "kproxy has no ipvs mode; running in iptables mode"),
         ("enableProfiling: true\n", "enableProfiling: kproxy serves no /debug/pprof"),
-        (
-            "nftables:\n  masqueradeBit: 3\n",
-            "nftables.masqueradeBit: kproxy's nftables mode reads the iptables.*",
-        ),
+        ("ipvs:\n  scheduler: rr\n", "ipvs.scheduler: kproxy has no IPVS mode"),
         ("iptables:\n  snatNodeInternalIP: true\n", "iptables.snatNodeInternalIP"),
         ("iptables:\n  surprise: 1\n", "iptables.surprise: unknown field"),
         ("featureGates:\n  Foo: false\n", "feature gate Foo=false"),
