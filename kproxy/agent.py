@@ -84,7 +84,7 @@ class NodeAgent:
             settings.sync_period, families=self.families, node_required=not settings.manifests
         )
         self._health_node: object = None
-        self.metrics = metrics if metrics is not None else Metrics(families=self.families)
+        self.metrics = metrics if metrics is not None else Metrics(families=self.families, mode=backend.mode)
         self.runner = BoundedFrequencyRunner(self._sync, settings.min_sync_period, settings.sync_period)
         self._cfgs: dict[Family, RenderConfig] = {}
         self._stopping = asyncio.Event()
@@ -214,6 +214,8 @@ class NodeAgent:
         self.health.updated(family, started=started)
         self.metrics.synced(family)
         self.metrics.observe_sync(family, seconds, full=report.full)
+        if report.cleanup_failed:
+            self.metrics.cleanup_failed(family)
         internal, external = self.no_local.counts(family)
         self.metrics.set_no_local_endpoints(family, internal=internal, external=external)
         mine = [t for f, t in triggers if f == family]
@@ -374,7 +376,7 @@ def run_agent(settings: Settings) -> int:
     from kproxy.infra.nodeaddr import node_addresses
 
     log.setup(settings.effective_log_level, fmt=settings.logging_format)
-    metrics = Metrics(families=families_of(settings))
+    metrics = Metrics(families=families_of(settings), mode=settings.proxy_mode)
     try:
         backend = make_backend(settings, metrics)
     except KproxyError as e:

@@ -29,8 +29,12 @@ kproxy.configz) and /healthz. kube-proxy's /healthz on this port is the generic
 component healthz (always "ok"); pass `healthz=` to serve something else, e.g.
 `lambda req: kproxy.health.healthz_response(state)`.
 
-Metrics kube-proxy has that kproxy leaves out: the nftables ones (no nftables
-mode) and the two nfacct packet counters (ct_state_invalid_dropped,
+As kube-proxy's RegisterMetrics, the mode picks the backend's series: iptables mode
+(and userspace) has the iptables_* restore failures and rule counts, nftables mode
+(`Metrics(mode="nftables")`) has sync_proxy_rules_nftables_sync_failures_total and
+..._cleanup_failures_total instead; `restore_failed` counts under whichever the mode has.
+
+Metrics kube-proxy has that kproxy leaves out: the two nfacct packet counters (ct_state_invalid_dropped,
 localhost_nodeports_accepted). kproxy-only metrics, e.g. for the userspace
 forwarder, belong in `_kproxy_metrics` with the prefix `kproxy_`, never `kubeproxy_`.
 """
@@ -104,9 +108,15 @@ class _Spec:
     doc: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    modes: tuple[str, ...] = ()
+    """The proxy modes that register it (empty: every mode), as kube-proxy's RegisterMetrics."""
 
 
 _FAM = ("ip_family",)
+_IPT = ("iptables",)
+"""Every mode but nftables has the iptables series (userspace mode writes its steering rules with
+iptables-restore too)."""
+_NFT = ("nftables",)
 SPECS: tuple[_Spec, ...] = (
     _Spec("sync", Histogram, "sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds",
           _FAM, SYNC_BUCKETS),
@@ -131,13 +141,17 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("service_changes", Counter, "sync_proxy_rules_service_changes_total",
           "Cumulative proxy rules Service changes"),
     _Spec("restore_failures", Counter, "sync_proxy_rules_iptables_restore_failures_total",
-          "Cumulative proxy iptables restore failures", _FAM),
+          "Cumulative proxy iptables restore failures", _FAM, modes=_IPT),
     _Spec("partial_restore_failures", Counter, "sync_proxy_rules_iptables_partial_restore_failures_total",
-          "Cumulative proxy iptables partial restore failures", _FAM),
+          "Cumulative proxy iptables partial restore failures", _FAM, modes=_IPT),
     _Spec("rules_total", Gauge, "sync_proxy_rules_iptables_total",
-          "Total number of iptables rules owned by kube-proxy", ("ip_family", "table")),
+          "Total number of iptables rules owned by kube-proxy", ("ip_family", "table"), modes=_IPT),
     _Spec("rules_last", Gauge, "sync_proxy_rules_iptables_last",
-          "Number of iptables rules written by kube-proxy in last sync", ("ip_family", "table")),
+          "Number of iptables rules written by kube-proxy in last sync", ("ip_family", "table"), modes=_IPT),
+    _Spec("nft_sync_failures", Counter, "sync_proxy_rules_nftables_sync_failures_total",
+          "Cumulative proxy nftables sync failures", _FAM, modes=_NFT),
+    _Spec("nft_cleanup_failures", Counter, "sync_proxy_rules_nftables_cleanup_failures_total",
+          "Cumulative proxy nftables cleanup failures", _FAM, modes=_NFT),
     _Spec("no_local_endpoints", Gauge, "sync_proxy_rules_no_local_endpoints_total",
           "Number of services with a Local traffic policy and no endpoints", ("traffic_policy", "ip_family")),
     _Spec("conntrack_deleted", Counter, "conntrack_reconciler_deleted_entries_total",
@@ -154,7 +168,13 @@ class Metrics:
     Families not listed still work; listed ones show zeros from the start.
     """
 
-    def __init__(self, families: Sequence[Family] = (4,), registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        families: Sequence[Family] = (4,),
+        registry: CollectorRegistry | None = None,
+        mode: str = "iptables",
+    ) -> None:
+        self.mode = mode
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self._h: dict[str, Histogram] = {}
@@ -167,6 +187,8 @@ class Metrics:
             "code": list(PROBE_CODES),
         }
         for spec in SPECS:
+            if spec.modes and (mode if mode in _NFT else "iptables") not in spec.modes:
+                continue
             name = f"kubeproxy_{spec.name}"
             metric: Histogram | Gauge | Counter
             if spec.kind is Histogram:
@@ -236,14 +258,27 @@ class Metrics:
         self._g["last_queued"].labels(FAMILY_NAMES[family]).set(time.time() if now is None else now)
 
     def restore_failed(self, family: Family, *, partial: bool) -> None:
-        """A failed iptables-restore; a partial one (which forces a full retry) counts in both series."""
+        """A failed rule write. iptables-restore: a partial one (which forces a full retry) counts
+        in both series. nftables mode: one sync failure, partial or full, as kube-proxy counts it."""
         name = FAMILY_NAMES[family]
+        if "nft_sync_failures" in self._c:
+            self._c["nft_sync_failures"].labels(name).inc()
+            return
         self._c["restore_failures"].labels(name).inc()
         if partial:
             self._c["partial_restore_failures"].labels(name).inc()
 
+    def cleanup_failed(self, family: Family) -> None:
+        """nftables mode: a cleanup beside the sync transaction failed (kproxy's: removing the
+        previous mode's iptables rules, retried at the next full sync)."""
+        if "nft_cleanup_failures" in self._c:
+            self._c["nft_cleanup_failures"].labels(FAMILY_NAMES[family]).inc()
+
     def set_rules(self, family: Family, table: str, *, total: int, last: int) -> None:
-        """Rules kproxy owns in `table` after the sync, and how many it wrote in it."""
+        """Rules kproxy owns in `table` after the sync, and how many it wrote in it (iptables
+        mode; other modes have no such series)."""
+        if "rules_total" not in self._g:
+            return
         name = FAMILY_NAMES[family]
         self._g["rules_total"].labels(name, table).set(total)
         self._g["rules_last"].labels(name, table).set(last)

@@ -23,6 +23,8 @@ class SyncReport:
     """Rule count per table after the sync, for kubeproxy_sync_proxy_rules_iptables_total."""
     rules_written: Mapping[str, int] | None = None
     """Rules this sync wrote per table, for kubeproxy_sync_proxy_rules_iptables_last."""
+    cleanup_failed: bool = False
+    """A cleanup beside the sync failed (kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total)."""
 
 
 class ProxyBackend(Protocol):

@@ -62,16 +62,21 @@ class NftablesProxier:
                 script_bytes=result.script_bytes,
                 write_s=f"{result.write_s:.4f}",
             )
+        cleanup_failed = False
         if result.full and family not in self._iptables_clean and self.clean_iptables is not None:
             # Only once this family's table serves: a node switching from iptables mode never
             # has a moment with neither mode's rules.
             removed = await asyncio.to_thread(self.clean_iptables, family)
+            cleanup_failed = removed < 0
             if removed >= 0:
                 self._iptables_clean.add(family)
                 if removed:
                     log.info("iptables_mode_rules_removed", family=family, chains=removed)
         return SyncReport(
-            full=result.full, chains_written=result.chains_written, chains_deleted=result.chains_deleted
+            full=result.full,
+            chains_written=result.chains_written,
+            chains_deleted=result.chains_deleted,
+            cleanup_failed=cleanup_failed,
         )
 
     async def close(self) -> None:
