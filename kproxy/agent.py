@@ -352,23 +352,30 @@ def userspace_hooks(metrics: Metrics) -> Hooks:
 
 def make_backend(settings: Settings, metrics: Metrics | None = None) -> ProxyBackend:
     if settings.proxy_mode == "userspace":
+        from kproxy.backends.nftables.leftovers import NftablesLeftovers
         from kproxy.backends.userspace.mode import UserspaceMode
 
         engine: Engine = "protocol" if settings.userspace_tcp_engine == "protocol" else "raw"
         hooks = userspace_hooks(metrics) if metrics is not None else None
-        return UserspaceMode.for_host(settings.iptables_backend, engine=engine, hooks=hooks)
+        userspace = UserspaceMode.for_host(settings.iptables_backend, engine=engine, hooks=hooks)
+        userspace.after_full_sync = NftablesLeftovers().after_full_sync
+        return userspace
     if settings.proxy_mode == "nftables":
         from kproxy.backends.nftables.proxier import NftablesProxier
 
         return NftablesProxier.for_host(full_sync_period=settings.full_sync_period)
     from kproxy.backends.iptables.proxier import IptablesProxier
+    from kproxy.backends.nftables.leftovers import NftablesLeftovers
 
-    return IptablesProxier.for_host(
+    iptables = IptablesProxier.for_host(
         settings.iptables_backend,
         full_sync_period=settings.full_sync_period,
         route_localnet=4 in settings.families
         and localhost_in_effect(settings.localhost_nodeports, settings.nodeport_addresses),
     )
+    # Switching modes: nftables mode's table goes once this mode's rules serve.
+    iptables.after_full_sync = NftablesLeftovers().after_full_sync
+    return iptables
 
 
 def run_agent(settings: Settings) -> int:

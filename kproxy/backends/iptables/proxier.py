@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Protocol
 
@@ -137,6 +137,9 @@ class IptablesProxier:
         self.probe = probe
         self._facts: tuple[bool, bool] | None = None
         self._adjusted: dict[Family, tuple[RenderConfig, RenderConfig]] = {}
+        self.after_full_sync: Callable[[Family], Awaitable[None]] | None = None
+        """Run after each successful full sync of a family (the agent removes nftables mode's
+        table with it when switching modes)."""
         if route_localnet and probe is not None:
             try:
                 probe.write_sysctl(ROUTE_LOCALNET, "1")
@@ -210,6 +213,8 @@ class IptablesProxier:
         if result.full and self.probe is not None:
             # kube-proxy's monitor keeps its canary in mangle too; a full sync follows a flush.
             await asyncio.to_thread(self.probe.ensure_mangle_canary, family)
+        if result.full and self.after_full_sync is not None:
+            await self.after_full_sync(family)
         if result.restores:
             log.info(
                 "iptables_synced",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from kproxy.backends.base import SyncReport
@@ -39,6 +39,8 @@ class UserspaceMode:
         self._received: handover.Received | None = None
         self._handover_checked = False
         self._keeper = handover.Keeper()
+        self.after_full_sync: Callable[[Family], Awaitable[None]] | None = None
+        """Run after each family's first sync (the agent removes nftables mode's table with it)."""
 
     @classmethod
     def for_host(
@@ -106,6 +108,8 @@ class UserspaceMode:
         if full:
             await asyncio.to_thread(self.restorer.ensure_jumps, family, steering.builtin_jumps(scfg))
             self._jumps_ensured.add(family)
+            if self.after_full_sync is not None:
+                await self.after_full_sync(family)
         log.debug("userspace_synced", family=family, listeners=len(listening))
         rules = {"nat": 0, "filter": 0}
         for (table, _), lines in chains.items():
