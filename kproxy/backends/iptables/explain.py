@@ -2,19 +2,24 @@
 
 For each port and family: the addresses that reach it, the chains it owns, which
 endpoints get which share of traffic, and every endpoint left out with the reason.
-Built from the same functions as the rules (`categorize`, `render_port`), so the
-text cannot disagree with what is installed.
+Built from the same functions as the rules (`categorize`, `render_port` of the mode
+asked for), so the text cannot disagree with what is installed. In nftables mode an
+address leads to the map elements it is a key of (and their verdicts) rather than to a
+chain, since most services there are map elements only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kproxy.backends.iptables.render import render_port
 from kproxy.config import RenderConfig
 from kproxy.state.build import Snapshot, excluded_endpoints, merge_endpoints, service_ports
 from kproxy.state.model import Endpoint, ServiceKey, ServicePort, in_family
 from kproxy.state.topology import Selection, categorize, exclusion, external_local, uses_cluster
+
+Arrows = Callable[[str, str], str]
+"""(kind of address: cluster, external, lb or node; the address) -> where it leads, as text."""
 
 
 def _hp(ip: str, port: int) -> str:
@@ -50,37 +55,73 @@ def _left_out(eps: tuple[Endpoint, ...], sel: Selection, local: bool, indent: st
     return out
 
 
-def explain_port(sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig) -> list[str]:
-    sel = categorize(sp, eps, cfg.node_zone, cfg.node_name)
-    rules = render_port(sp, eps, cfg)
-    own = [c.name for c in rules.own]
-    fam = f"IPv{sp.family}"
-    lines = [f"{sp.name} {sp.protocol} {fam}"]
+def _iptables_arrows(
+    sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig
+) -> tuple[list[str], Arrows]:
+    """iptables mode: the port's own chains, and the chain each kind of address jumps to."""
+    own = [c.name for c in render_port(sp, eps, cfg).own]
     svc = next((n for n in own if n.startswith("KUBE-SVC-")), "")
     svl = next((n for n in own if n.startswith("KUBE-SVL-")), "")
     ext = next((n for n in own if n.startswith("KUBE-EXT-")), "")
     fw = next((n for n in own if n.startswith("KUBE-FW-")), "")
-    internal = svl if sp.internal_local else svc
+    by_kind = {"cluster": svl if sp.internal_local else svc, "external": ext, "lb": fw or ext, "node": ext}
+
+    def arrow(kind: str, _ip: str) -> str:
+        return f"  -> {by_kind[kind]}" if by_kind[kind] else ""
+
+    return own, arrow
+
+
+def _nftables_arrows(
+    sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig
+) -> tuple[list[str], Arrows]:
+    """nftables mode: the port's own chains and sets, and the map elements each address is a key of."""
+    from kproxy.backends.nftables.render import render_port as nft_render_port
+
+    po = nft_render_port(sp, eps, cfg)
+    own = [name for name, _ in po.chains] + [f"set {name}" for name, _ in po.sets]
+    proto = sp.protocol.lower()
+
+    def arrow(kind: str, ip: str) -> str:
+        key = f"{proto} . {sp.node_port}" if kind == "node" else f"{ip} . {proto} . {sp.port}"
+        found, per_endpoint = [], set()
+        for m, k, v in po.elements:
+            if k == key:
+                found.append(f"{m}: {v}" if v else m)
+            elif k.startswith(f"{key} . "):
+                per_endpoint.add(m)
+        found += [f"{m} (one element per endpoint)" for m in sorted(per_endpoint)]
+        return f"  -> {'; '.join(found)}" if found else ""
+
+    return own, arrow
+
+
+def explain_port(
+    sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig, mode: str = "iptables"
+) -> list[str]:
+    sel = categorize(sp, eps, cfg.node_zone, cfg.node_name)
+    own, arrow = (_nftables_arrows if mode == "nftables" else _iptables_arrows)(sp, eps, cfg)
+    fam = f"IPv{sp.family}"
+    lines = [f"{sp.name} {sp.protocol} {fam}"]
     ext_local = external_local(sp)
 
     lines.append("  reached at:")
-    lines.append(f"    cluster IP   {_hp(sp.cluster_ip, sp.port)}" + (f"  -> {internal}" if internal else ""))
+    lines.append(f"    cluster IP   {_hp(sp.cluster_ip, sp.port)}" + arrow("cluster", sp.cluster_ip))
     for ip in sp.external_ips:
-        lines.append(f"    external IP  {_hp(ip, sp.port)}" + (f"  -> {ext}" if ext else ""))
+        lines.append(f"    external IP  {_hp(ip, sp.port)}" + arrow("external", ip))
     for ip in sp.load_balancer_ips:
-        via = fw or ext
         ranges = (
             f"  (only from {', '.join(sp.load_balancer_source_ranges)})"
             if sp.load_balancer_source_ranges
             else ""
         )
-        lines.append(f"    LB IP        {_hp(ip, sp.port)}" + (f"  -> {via}" if via else "") + ranges)
+        lines.append(f"    LB IP        {_hp(ip, sp.port)}" + arrow("lb", ip) + ranges)
     if sp.node_port:
         if cfg.nodeport_ips is None:
             where = "every local address but loopback"
         else:
             where = ", ".join(cfg.nodeport_ips) or "no address (none matches --nodeport-addresses)"
-        lines.append(f"    node port    {sp.node_port} on {where}" + (f"  -> {ext}" if ext else ""))
+        lines.append(f"    node port    {sp.node_port} on {where}" + arrow("node", ""))
     if sp.health_check_node_port:
         lines.append(f"    health check node port {sp.health_check_node_port} (tcp, accepted)")
     if sp.affinity_timeout:
@@ -88,7 +129,12 @@ def explain_port(sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig) 
             f"  session affinity: ClientIP for {sp.affinity_timeout} s; a client keeps the endpoint it first reached,"
             " so the shares below are for new clients"
         )
-    lines.append(f"  chains: {', '.join(own) if own else 'none (no endpoints)'}")
+    if own:
+        lines.append(f"  chains: {', '.join(own)}")
+    elif mode == "nftables" and sel.has_any:
+        lines.append("  chains: none (map elements only)")
+    else:
+        lines.append("  chains: none (no endpoints)")
 
     if not sel.has_any:
         lines.append("  no usable endpoint anywhere: every address above answers with REJECT")
@@ -119,8 +165,8 @@ def explain_port(sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig) 
     return lines
 
 
-def explain(snapshot: Snapshot, key: ServiceKey, cfgs: Sequence[RenderConfig]) -> str:
-    """`cfgs`: one RenderConfig per family to show, in order."""
+def explain(snapshot: Snapshot, key: ServiceKey, cfgs: Sequence[RenderConfig], mode: str = "iptables") -> str:
+    """`cfgs`: one RenderConfig per family to show, in order; `mode`: iptables or nftables."""
     svc = snapshot.services.get(key)
     if svc is None:
         return f"service {key} not found (or ignored: headless, ExternalName, no cluster IP, other proxy)\n"
@@ -132,7 +178,7 @@ def explain(snapshot: Snapshot, key: ServiceKey, cfgs: Sequence[RenderConfig]) -
         eps = merge_endpoints(snapshot.slices.get(key, ()), cfg.node_name, cfg.family)
         for sp in ports:
             lines.append("")
-            lines.extend(explain_port(sp, eps.get(sp.name, ()), cfg))
+            lines.extend(explain_port(sp, eps.get(sp.name, ()), cfg, mode))
         extra = excluded_endpoints(snapshot, key, cfg.node_name, cfg.family)
         if len(cfgs) > 1:  # the other family's endpoints are shown under that family
             extra = tuple(x for x in extra if in_family(x.endpoint.ip, cfg.family))
