@@ -86,11 +86,11 @@ http {{
 
 def load_rules(mode: str, services: int) -> dict[str, Any]:
     """Write kproxy's rules for `services` services into this process's namespace; the seconds."""
-    from kproxy.backends.iptables.restore import CommandRestorer
     from kproxy.backends.iptables.sync import SyncEngine
     from kproxy.backends.nftables.sync import NftSyncEngine
     from kproxy.backends.nftables.writer import host_writer
     from kproxy.config import RenderConfig
+    from kproxy.netfilter.restore import CommandRestorer
     from kproxy.state.model import Endpoint, ServicePort, ServicePortName
 
     cfg = RenderConfig(family=4, node_name="bench-node", cluster_cidr=("10.244.0.0/16",))

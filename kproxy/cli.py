@@ -381,7 +381,12 @@ def cmd_dry_run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
         if args.explain not in snapshot.services:
             out.write(_not_found(args.explain, snapshot, paths))
             return 1
-        out.write(explain(snapshot, args.explain, cfgs, args.proxy_mode))
+        if args.proxy_mode == "nftables":
+            from kproxy.backends.nftables.explain import nftables_objects
+
+            out.write(explain(snapshot, args.explain, cfgs, nftables_objects))
+        else:
+            out.write(explain(snapshot, args.explain, cfgs))
         return skipped
 
     rendered: Family = args.ip_family or 4

@@ -2,10 +2,9 @@
 
 For each port and family: the addresses that reach it, the chains it owns, which
 endpoints get which share of traffic, and every endpoint left out with the reason.
-Built from the same functions as the rules (`categorize`, `render_port` of the mode
-asked for), so the text cannot disagree with what is installed. In nftables mode an
-address leads to the map elements it is a key of (and their verdicts) rather than to a
-chain, since most services there are map elements only.
+Built from the same functions as the rules (`categorize`, and the `render_port` of the
+mode: iptables mode's here, nftables mode's through kproxy.backends.nftables.explain), so
+the text cannot disagree with what is installed.
 """
 
 from __future__ import annotations
@@ -20,6 +19,10 @@ from kproxy.state.topology import Selection, categorize, exclusion, external_loc
 
 Arrows = Callable[[str, str], str]
 """(kind of address: cluster, external, lb or node; the address) -> where it leads, as text."""
+Objects = tuple[list[str], Arrows, str]
+"""What one mode puts in the kernel for a port: its own chains (and sets), where each address
+leads, and what to say when it owns no chain although endpoints exist."""
+ObjectsOf = Callable[[ServicePort, tuple[Endpoint, ...], RenderConfig], Objects]
 
 
 def _hp(ip: str, port: int) -> str:
@@ -55,9 +58,7 @@ def _left_out(eps: tuple[Endpoint, ...], sel: Selection, local: bool, indent: st
     return out
 
 
-def _iptables_arrows(
-    sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig
-) -> tuple[list[str], Arrows]:
+def iptables_objects(sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig) -> Objects:
     """iptables mode: the port's own chains, and the chain each kind of address jumps to."""
     own = [c.name for c in render_port(sp, eps, cfg).own]
     svc = next((n for n in own if n.startswith("KUBE-SVC-")), "")
@@ -69,38 +70,14 @@ def _iptables_arrows(
     def arrow(kind: str, _ip: str) -> str:
         return f"  -> {by_kind[kind]}" if by_kind[kind] else ""
 
-    return own, arrow
-
-
-def _nftables_arrows(
-    sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig
-) -> tuple[list[str], Arrows]:
-    """nftables mode: the port's own chains and sets, and the map elements each address is a key of."""
-    from kproxy.backends.nftables.render import render_port as nft_render_port
-
-    po = nft_render_port(sp, eps, cfg)
-    own = [name for name, _ in po.chains] + [f"set {name}" for name, _ in po.sets]
-    proto = sp.protocol.lower()
-
-    def arrow(kind: str, ip: str) -> str:
-        key = f"{proto} . {sp.node_port}" if kind == "node" else f"{ip} . {proto} . {sp.port}"
-        found, per_endpoint = [], set()
-        for m, k, v in po.elements:
-            if k == key:
-                found.append(f"{m}: {v}" if v else m)
-            elif k.startswith(f"{key} . "):
-                per_endpoint.add(m)
-        found += [f"{m} (one element per endpoint)" for m in sorted(per_endpoint)]
-        return f"  -> {'; '.join(found)}" if found else ""
-
-    return own, arrow
+    return own, arrow, "none (no endpoints)"
 
 
 def explain_port(
-    sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig, mode: str = "iptables"
+    sp: ServicePort, eps: tuple[Endpoint, ...], cfg: RenderConfig, objects_of: ObjectsOf = iptables_objects
 ) -> list[str]:
     sel = categorize(sp, eps, cfg.node_zone, cfg.node_name)
-    own, arrow = (_nftables_arrows if mode == "nftables" else _iptables_arrows)(sp, eps, cfg)
+    own, arrow, no_chain = objects_of(sp, eps, cfg)
     fam = f"IPv{sp.family}"
     lines = [f"{sp.name} {sp.protocol} {fam}"]
     ext_local = external_local(sp)
@@ -131,8 +108,8 @@ def explain_port(
         )
     if own:
         lines.append(f"  chains: {', '.join(own)}")
-    elif mode == "nftables" and sel.has_any:
-        lines.append("  chains: none (map elements only)")
+    elif sel.has_any:
+        lines.append(f"  chains: {no_chain}")
     else:
         lines.append("  chains: none (no endpoints)")
 
@@ -165,8 +142,14 @@ def explain_port(
     return lines
 
 
-def explain(snapshot: Snapshot, key: ServiceKey, cfgs: Sequence[RenderConfig], mode: str = "iptables") -> str:
-    """`cfgs`: one RenderConfig per family to show, in order; `mode`: iptables or nftables."""
+def explain(
+    snapshot: Snapshot,
+    key: ServiceKey,
+    cfgs: Sequence[RenderConfig],
+    objects_of: ObjectsOf = iptables_objects,
+) -> str:
+    """`cfgs`: one RenderConfig per family to show, in order; `objects_of`: the mode's objects
+    (iptables mode's by default; nftables mode passes its own)."""
     svc = snapshot.services.get(key)
     if svc is None:
         return f"service {key} not found (or ignored: headless, ExternalName, no cluster IP, other proxy)\n"
@@ -178,7 +161,7 @@ def explain(snapshot: Snapshot, key: ServiceKey, cfgs: Sequence[RenderConfig], m
         eps = merge_endpoints(snapshot.slices.get(key, ()), cfg.node_name, cfg.family)
         for sp in ports:
             lines.append("")
-            lines.extend(explain_port(sp, eps.get(sp.name, ()), cfg, mode))
+            lines.extend(explain_port(sp, eps.get(sp.name, ()), cfg, objects_of))
         extra = excluded_endpoints(snapshot, key, cfg.node_name, cfg.family)
         if len(cfgs) > 1:  # the other family's endpoints are shown under that family
             extra = tuple(x for x in extra if in_family(x.endpoint.ip, cfg.family))

@@ -10,23 +10,20 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from kproxy.backends.nftables.leftovers import NftablesLeftovers, remove_table
 from kproxy.backends.nftables.render import SYNC_STATE
-from tests.apiserver_standin import ApiServerStandIn, endpoint_slice, node, service
-from tests.cluster import API_IP, Agent, Load, Prober, agent_args, lan_apiserver
-from tests.netns import NodeHost, Topology, exec_in, netns_guard, sample
+from tests.support.apiserver_standin import ApiServerStandIn, endpoint_slice, node, service
+from tests.support.cluster import API_IP, Agent, Load, Prober, agent_args, lan_apiserver
+from tests.support.netns import NodeHost, Topology, exec_in, netns_guard, sample
 
 __all__ = ["netns_guard"]
 
-DATA = Path(__file__).with_name("data")
+DATA = Path(__file__).resolve().parents[1] / "data"
 NS = "shop"
 VIP = {4: "10.96.0.10", 6: "fd00:10:96::10"}
 NODE_PORT = 30080
@@ -156,50 +153,3 @@ def test_switching_back_removes_nftables_modes_tables(
     finally:
         nft.stop()
         other.stop()
-
-
-# ------------------------------------------------------------------ the removal alone
-
-
-class FakeNft:
-    """`nft` as remove_table calls it: lists the tables present, deletes one, or fails."""
-
-    def __init__(self, present: set[str], fail_delete: bool = False) -> None:
-        self.present = present
-        self.fail_delete = fail_delete
-        self.calls: list[list[str]] = []
-
-    def __call__(self, argv: list[str]) -> subprocess.CompletedProcess[Any]:
-        self.calls.append(argv)
-        if argv[1] == "list":
-            listed = "".join(f"table {t}\n" for t in sorted(self.present) if t.startswith(f"{argv[3]} "))
-            return subprocess.CompletedProcess(argv, 0, listed, "")
-        if self.fail_delete:
-            return subprocess.CompletedProcess(
-                argv, 1, "", "Error: Could not process rule: Device or resource busy"
-            )
-        self.present.discard(f"{argv[3]} {argv[4]}")
-        return subprocess.CompletedProcess(argv, 0, "", "")
-
-
-def test_remove_table_touches_only_kube_proxys_table_of_the_family() -> None:
-    nft = FakeNft({"ip kube-proxy", "ip6 kube-proxy", "ip filter", "ip kube-proxy-other"})
-    assert remove_table(4, nft) == 1
-    assert nft.present == {"ip6 kube-proxy", "ip filter", "ip kube-proxy-other"}
-    assert remove_table(4, nft) == 0, "absent: nothing to do"
-    assert remove_table(6, nft) == 1 and nft.present == {"ip filter", "ip kube-proxy-other"}
-
-
-def test_a_failed_removal_is_retried_at_the_next_full_sync() -> None:
-    import asyncio
-
-    nft = FakeNft({"ip kube-proxy"}, fail_delete=True)
-    leftovers = NftablesLeftovers(lambda family: remove_table(family, nft))
-    asyncio.run(leftovers.after_full_sync(4))
-    assert nft.present == {"ip kube-proxy"}
-    nft.fail_delete = False
-    asyncio.run(leftovers.after_full_sync(4))
-    assert nft.present == set()
-    calls = len(nft.calls)
-    asyncio.run(leftovers.after_full_sync(4))
-    assert len(nft.calls) == calls, "once removed, later full syncs do not look again"

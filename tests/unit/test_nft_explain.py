@@ -5,10 +5,21 @@ address leads to; every map and chain it names is in the script the same dry run
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
-from tests.test_dryrun_cli import EXAMPLE, NODE, dry_run
+from kproxy.cli import main
+
+EXAMPLE = str(Path(__file__).resolve().parents[2] / "manifests" / "examples" / "cluster.yaml")
+NODE = ["--node-name", "node-a"]
+
+
+def dry_run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    rc = main(["dry-run", *args])
+    got = capsys.readouterr()
+    return rc, got.out, got.err
+
 
 NFT = ["--proxy-mode", "nftables"]
 SERVICES = [

@@ -15,7 +15,7 @@ from kproxy.backends.nftables.proxier import NftablesProxier
 from kproxy.errors import NftablesError
 from kproxy.metrics import Metrics
 from kproxy.settings import Settings
-from tests.test_changes import eps, svc
+from tests.support.objects import eps, svc
 
 NFT_SERIES = (
     "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
