@@ -18,7 +18,7 @@ import pytest
 
 from kproxy.backends.nftables.render import SYNC_STATE
 from tests.support.apiserver_standin import ApiServerStandIn, endpoint_slice, node, service
-from tests.support.cluster import API_IP, Agent, Load, Prober, agent_args, lan_apiserver
+from tests.support.cluster import API_IP, Agent, Load, Prober, agent_args, http_get, lan_apiserver
 from tests.support.netns import NodeHost, Topology, exec_in, netns_guard, sample
 
 __all__ = ["netns_guard"]
@@ -115,6 +115,17 @@ def test_takeover_from_kube_proxys_nftables_mode(
             assert SYNC_STATE in listing, f"{fam}: not kproxy's table"
             assert "chain endpoint-" not in listing, f"{fam}: kube-proxy's endpoint chains are left"
         assert every_path(topo) == {"ipv4": PODS, "ipv6": PODS, "node port": PODS}
+        # kube-proxy's nftables-mode metric names, none of iptables mode's
+        metrics = str(http_get(n.ns, "127.0.0.1", 10249, "/metrics").body.get("text", ""))
+        for fam in ("IPv4", "IPv6"):
+            assert (
+                f'kubeproxy_sync_proxy_rules_nftables_sync_failures_total{{ip_family="{fam}"}} 0.0' in metrics
+            )
+            assert (
+                f'kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{{ip_family="{fam}"}} 0.0'
+                in metrics
+            )
+        assert "kubeproxy_sync_proxy_rules_iptables" not in metrics
     finally:
         assert agent.stop() == 0
 
